@@ -1,0 +1,1 @@
+"""DenseNet (Huang et al. 2017) — being written."""

@@ -1,0 +1,1 @@
+"""Highway networks — being written."""
