@@ -115,6 +115,7 @@ class ResidualUnit(nn.Module):
             # g(x) = sigmoid(W_g x + b_g), a 1×1 conv; a negative b_g starts the gate near the shortcut.
             self.gate = conv1x1(in_ch, out_ch, stride, bias=True)
             self.gate_bias_init = gate_bias
+            self.reset_gate()
         if shortcut_variant == "dropout":
             self.shortcut_drop = nn.Dropout(shortcut_dropout)
 
@@ -122,6 +123,7 @@ class ResidualUnit(nn.Module):
         return [conv3x3(in_ch, width, stride), conv3x3(width, out_ch)]
 
     def reset_gate(self) -> None:
+        """Gate weights 0 and bias b_g: every gate starts at sigmoid(b_g), as the paper's b_g sweep."""
         if hasattr(self, "gate"):
             nn.init.zeros_(self.gate.weight)
             nn.init.constant_(self.gate.bias, self.gate_bias_init)
