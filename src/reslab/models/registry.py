@@ -11,7 +11,7 @@ import difflib
 import fnmatch
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -101,9 +101,14 @@ def list_models(pattern: str | None = None, family: str | None = None) -> list[s
 
 
 def create_model(
-    name: str, *, num_classes: int | None = None, in_chans: int = 3, **overrides
+    name: str, *, num_classes: int | None = None, in_chans: int = 3, features_only: bool = False,
+    out_indices: Sequence[int] | None = None, **overrides
 ) -> nn.Module:
-    """Build a registered model. Overrides are the family class's keyword arguments."""
+    """Build a registered model. Overrides are the family class's keyword arguments.
+
+    ``features_only=True`` returns a backbone giving the feature maps of the stages in
+    ``out_indices`` (1-based, default all) with their ``feature_info`` (see models/features.py).
+    """
     spec = _spec(name)
     model = spec.builder(
         num_classes=num_classes if num_classes is not None else spec.num_classes,
@@ -111,6 +116,13 @@ def create_model(
         **overrides,
     )
     model.reslab_name = name
+    if features_only:
+        from .features import FeatureExtractor
+
+        model = FeatureExtractor(model, out_indices)
+        model.reslab_name = name
+    elif out_indices is not None:
+        raise ValueError("out_indices selects feature maps; pass it with features_only=True")
     return model
 
 

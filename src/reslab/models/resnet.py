@@ -11,9 +11,15 @@ away from its ResNet:
 - ``shortcut_variant``: the shortcut modifications of He et al. 2016, Fig. 2 / Table 1:
   ``"identity"``, ``"scaling"``, ``"exclusive_gating"``, ``"shortcut_gating"``, ``"conv1x1"``,
   ``"dropout"``.
-- ``stem``: ``"imagenet"`` (7×7/2 conv + 3×3/2 max-pool) or ``"cifar"`` (one 3×3 conv).
+- ``stem``: ``"imagenet"`` (7×7/2 conv + 3×3/2 max-pool), ``"cifar"`` (one 3×3 conv), or
+  ``"imagenet_preact"`` (7×7/2 conv + 3×3/2 max-pool with no BN-ReLU between them, the max-pool
+  padding with zeros: Keras ResNetV2, whose first unit normalises the stem itself).
 - ``stride_in_1x1``: put the bottleneck's stride in its first 1×1 conv (paper/Caffe) instead of the
   3×3 (torchvision's "v1.5", the default).
+- ``downsample_at``: ``"first"`` (He et al.: the first unit of stages 2…N strides) or ``"last"``
+  (TF-slim/Keras ResNetV2: the last unit of stages 1…N−1 strides, through a strided identity).
+- ``conv_bias``: give a bias to every conv whose output does not go straight into a BN (the
+  layout of Keras ResNetV2; a bias in front of BN is redundant, BN subtracts the mean).
 
 Module names follow torchvision (``conv1``, ``bn1``, ``layer1.0.conv2``, ``layer1.0.downsample.0``,
 ``fc``), so torchvision checkpoints load into the ImageNet models with ``strict=True``.
@@ -70,6 +76,7 @@ class ResidualUnit(nn.Module):
         shortcut_variant: str = "identity",
         stride_in_1x1: bool = False,
         preact_input: bool = True,
+        conv_bias: bool = False,
         drop_path: float = 0.0,
         shortcut_scale: float = 0.5,
         residual_scale: float = 0.5,
@@ -84,7 +91,9 @@ class ResidualUnit(nn.Module):
         self.lesioned = False
         preact = unit == "full_preact"
         # The residual branch: convs with their BNs, named as torchvision names them.
-        convs = self._convs(in_ch, width, out_ch, stride, stride_in_1x1)
+        # Only a conv that feeds no BN gets a bias (conv_bias): the last one when BN comes later.
+        last_bias = conv_bias and unit in ("full_preact", "bn_after_add")
+        convs = self._convs(in_ch, width, out_ch, stride, stride_in_1x1, last_bias)
         for i, conv in enumerate(convs, 1):
             setattr(self, f"conv{i}", conv)
             if preact and i == 1 and not preact_input:
@@ -98,12 +107,14 @@ class ResidualUnit(nn.Module):
 
         # The shortcut s(x).
         changes_shape = stride != 1 or in_ch != out_ch
+        # Option B projects where the channels grow; a stride-only change keeps the identity,
+        # "performed with a stride of 2" (He et al. 2015, Sec. 3.3), as Keras ResNetV2 does.
         project = shortcut == "C" or shortcut_variant == "conv1x1" or (
-            shortcut == "B" and changes_shape
+            shortcut == "B" and in_ch != out_ch
         )
         self.has_shortcut = shortcut != "none"
         if project:
-            proj = conv1x1(in_ch, out_ch, stride)
+            proj = conv1x1(in_ch, out_ch, stride, bias=conv_bias and preact)
             # Pre-activation units already normalise the projection's input (He et al. 2016, appendix).
             self.downsample = proj if preact else nn.Sequential(proj, nn.BatchNorm2d(out_ch))
         elif changes_shape:
@@ -119,8 +130,8 @@ class ResidualUnit(nn.Module):
         if shortcut_variant == "dropout":
             self.shortcut_drop = nn.Dropout(shortcut_dropout)
 
-    def _convs(self, in_ch, width, out_ch, stride, stride_in_1x1) -> list[nn.Conv2d]:
-        return [conv3x3(in_ch, width, stride), conv3x3(width, out_ch)]
+    def _convs(self, in_ch, width, out_ch, stride, stride_in_1x1, last_bias) -> list[nn.Conv2d]:
+        return [conv3x3(in_ch, width, stride), conv3x3(width, out_ch, bias=last_bias)]
 
     def reset_gate(self) -> None:
         """Gate weights 0 and bias b_g: every gate starts at sigmoid(b_g), as the paper's b_g sweep."""
@@ -210,9 +221,10 @@ class Bottleneck(ResidualUnit):
 
     expansion = 4
 
-    def _convs(self, in_ch, width, out_ch, stride, stride_in_1x1) -> list[nn.Conv2d]:
+    def _convs(self, in_ch, width, out_ch, stride, stride_in_1x1, last_bias) -> list[nn.Conv2d]:
         s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        return [conv1x1(in_ch, width, s1), conv3x3(width, width, s3), conv1x1(width, out_ch)]
+        return [conv1x1(in_ch, width, s1), conv3x3(width, width, s3),
+                conv1x1(width, out_ch, bias=last_bias)]
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -232,6 +244,8 @@ class ResNet(nn.Module):
         unit: str = "original",
         shortcut_variant: str = "identity",
         stride_in_1x1: bool = False,
+        downsample_at: str = "first",
+        conv_bias: bool = False,
         num_classes: int = 1000,
         in_chans: int = 3,
         zero_init_residual: bool = False,
@@ -243,7 +257,8 @@ class ResNet(nn.Module):
     ) -> None:
         super().__init__()
         _choice(block, tuple(BLOCKS), "block")
-        _choice(stem, ("imagenet", "cifar"), "stem")
+        _choice(stem, ("imagenet", "cifar", "imagenet_preact"), "stem")
+        _choice(downsample_at, ("first", "last"), "downsample_at")
         _choice(shortcut, SHORTCUTS, "shortcut")
         _choice(unit, UNITS, "unit")
         _choice(shortcut_variant, SHORTCUT_VARIANTS, "shortcut_variant")
@@ -256,15 +271,21 @@ class ResNet(nn.Module):
         unit_cls = BLOCKS[block]
         preact = unit == "full_preact"
 
-        stem_width = 64 if stem == "imagenet" else widths[0]
+        stem_width = widths[0] if stem == "cifar" else 64
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False)
             self.bn1 = nn.BatchNorm2d(stem_width)
             self.relu = nn.ReLU(inplace=True)
             self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
             stem_stride = 4
+        elif stem == "imagenet_preact":
+            self.conv1 = nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=conv_bias)
+            # Keras pads with zeros; on an input that is not rectified this differs from the
+            # -inf padding of MaxPool2d(padding=1) at the borders, so the padding is explicit.
+            self.maxpool = nn.Sequential(nn.ZeroPad2d(1), nn.MaxPool2d(3, stride=2))
+            stem_stride = 4
         else:
-            self.conv1 = conv3x3(in_chans, stem_width)
+            self.conv1 = conv3x3(in_chans, stem_width, bias=conv_bias and preact)
             # The pre-activation CIFAR nets start with a bare conv: the first unit normalises it.
             if not preact:
                 self.bn1 = nn.BatchNorm2d(stem_width)
@@ -276,14 +297,17 @@ class ResNet(nn.Module):
         rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         kwargs = dict(
             shortcut=shortcut, unit=unit, shortcut_variant=shortcut_variant,
-            stride_in_1x1=stride_in_1x1, shortcut_scale=shortcut_scale,
+            stride_in_1x1=stride_in_1x1, conv_bias=conv_bias, shortcut_scale=shortcut_scale,
             residual_scale=residual_scale, gate_bias=gate_bias, shortcut_dropout=shortcut_dropout,
         )
         in_ch, k = stem_width, 0
         for stage, (count, width) in enumerate(zip(layers, widths), 1):
             units = []
             for i in range(count):
-                stride = 2 if stage > 1 and i == 0 else 1
+                if downsample_at == "first":
+                    stride = 2 if stage > 1 and i == 0 else 1
+                else:
+                    stride = 2 if stage < len(layers) and i == count - 1 else 1
                 first = stage == 1 and i == 0
                 units.append(unit_cls(
                     in_ch, width, stride, preact_input=not (first and stem_activates),
