@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..data import center_crop, load_dataset, normalize
+from ..data import DatasetBundle, center_crop, load_dataset, normalize
 from .evaluate import EvalResult, evaluate_model, load_for_eval
 from .runs import read_config
 
@@ -36,6 +36,26 @@ def evaluate(
     Dataset settings not given default to the run's (when `path` is a run folder) or to the
     dataset named in the model file. The images are normalised with the model's own mean/std.
     """
+    model, meta, bundle = load_test_data(path, data=data, data_dir=data_dir, val_split=val_split,
+                                         tta=tta, device=device, test_limit=test_limit)
+    return evaluate_model(
+        model, bundle.test, mean=meta["mean"], std=meta["std"], batch_size=batch_size,
+        precision=precision, tta=tta, pad=bundle.augment.pad, workers=workers,
+    )
+
+
+def load_test_data(
+    path: str | Path,
+    *,
+    data: str | None = None,
+    data_dir: str | Path | None = None,
+    val_split: bool | None = None,
+    tta: str = "none",
+    device: str = "cpu",
+    test_limit: int | None = None,
+) -> tuple[torch.nn.Module, dict[str, Any], DatasetBundle]:
+    """(model in eval mode, its metadata, the dataset it is evaluated on) for a model file or
+    run folder; dataset settings not given default to the run's or the model file's."""
     model, meta = load_for_eval(path, device)
     run = _run_config(path)
     name = data or (run.data if run else meta.get("dataset"))
@@ -54,10 +74,7 @@ def evaluate(
         **options,
     )
     _check_compatible(meta, bundle.in_chans, bundle.num_classes, name)
-    return evaluate_model(
-        model, bundle.test, mean=meta["mean"], std=meta["std"], batch_size=batch_size,
-        precision=precision, tta=tta, pad=bundle.augment.pad, workers=workers,
-    )
+    return model, meta, bundle
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,371 @@
+"""`reslab bench`: reslab's fast paths against a plain PyTorch baseline and the machine's peak.
+
+Every run measures three things in the same process, so the ratios are side by side:
+
+1. the **baseline**: the same architecture written plainly, as a user would (`PlainResNet` below,
+   torchvision-style code), run eager in fp32 and NCHW; it loads the very weights of the reslab
+   model (the module names are the same), and the two are checked to compute the same function;
+2. **reslab**: the model through its fast path (channels_last, bf16, BN folding, compile,
+   fused optimizer for training, or ONNX Runtime for inference);
+3. the machine's **peak**: the FLOP/s of a large matmul in fp32 and bf16.
+
+Baseline and reslab repeats are interleaved (A B A B ...) so that drifting machine load hits both.
+Achieved FLOP/s = MACs × 2 × images/s for inference, × 3 of that for training (forward + the two
+backward matmuls), reported as a fraction of the peak of the precision used.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import complexity, create_model, model_info
+
+# ---------------------------------------------------------------------------------------------
+# Peak: large matmul FLOP/s
+# ---------------------------------------------------------------------------------------------
+
+
+def matmul_peak(dtype: torch.dtype = torch.float32, device: str = "cpu", n: int | None = None,
+                repeats: int = 5) -> float:
+    """Median FLOP/s of an n×n matmul (2n³ FLOPs) in `dtype` on `device`."""
+    n = n or (8192 if device.startswith("cuda") else 2048)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    iters = 20 if device.startswith("cuda") else 4
+    rates = []
+    for _ in range(repeats + 1):
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(iters):
+            a @ b
+        _sync(device)
+        rates.append(2 * n**3 * iters / (time.perf_counter() - t))
+    return statistics.median(rates[1:])  # the first repeat is warm-up
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------
+# Baseline: ResNet written plainly (eager, fp32, NCHW), same module names as reslab/torchvision
+# ---------------------------------------------------------------------------------------------
+
+
+class PlainBasicBlock(nn.Module):
+    def __init__(self, in_ch: int, ch: int, stride: int, shortcut: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, ch, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(ch)
+        self.conv2 = nn.Conv2d(ch, ch, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(ch)
+        self.relu = nn.ReLU(inplace=True)
+        self.pad = 0
+        self.downsample = None
+        if stride != 1 or in_ch != ch:
+            if shortcut == "A":
+                self.pad, self.stride = ch - in_ch, stride
+            else:
+                self.downsample = nn.Sequential(nn.Conv2d(in_ch, ch, 1, stride, bias=False),
+                                                nn.BatchNorm2d(ch))
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        elif self.pad:
+            identity = F.pad(x[:, :, ::self.stride, ::self.stride],
+                             (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return self.relu(out + identity)
+
+
+class PlainBottleneck(nn.Module):
+    def __init__(self, in_ch: int, width: int, stride: int, shortcut: str) -> None:
+        super().__init__()
+        out_ch = width * 4
+        self.conv1 = nn.Conv2d(in_ch, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_ch)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_ch != out_ch:
+            self.downsample = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False),
+                                            nn.BatchNorm2d(out_ch))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class PlainResNet(nn.Module):
+    """The straightforward implementation a user would write (He et al. 2015, Table 1 / Sec. 4.2)."""
+
+    def __init__(self, layers, bottleneck: bool, widths, cifar: bool, shortcut: str,
+                 num_classes: int, in_chans: int) -> None:
+        super().__init__()
+        stem = widths[0] if cifar else 64
+        if cifar:
+            self.conv1 = nn.Conv2d(in_chans, stem, 3, 1, 1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(in_chans, stem, 7, 2, 3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.bn1 = nn.BatchNorm2d(stem)
+        self.relu = nn.ReLU(inplace=True)
+        block = PlainBottleneck if bottleneck else PlainBasicBlock
+        in_ch = stem
+        for i, (n, w) in enumerate(zip(layers, widths), 1):
+            blocks = []
+            for j in range(n):
+                blocks.append(block(in_ch, w, 2 if i > 1 and j == 0 else 1, shortcut))
+                in_ch = w * (4 if bottleneck else 1)
+            setattr(self, f"layer{i}", nn.Sequential(*blocks))
+        self.num_stages = len(layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_ch, num_classes)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        if hasattr(self, "maxpool"):
+            x = self.maxpool(x)
+        for i in range(1, self.num_stages + 1):
+            x = getattr(self, f"layer{i}")(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def baseline_for(model: nn.Module) -> nn.Module:
+    """A `PlainResNet` with `model`'s architecture and weights (original-unit ResNets only)."""
+    from .models.resnet import Bottleneck, ResNet
+
+    if not isinstance(model, ResNet) or model.unit != "original" or model.shortcut not in "AB":
+        raise ValueError(
+            "the plain baseline exists for ResNets with the original unit and shortcut A or B "
+            f"(resnet18…152, resnet20…1202); got {getattr(model, 'reslab_name', type(model).__name__)}"
+        )
+    units = [len(getattr(model, f"layer{i}")) for i in range(1, model.num_stages + 1)]
+    bottleneck = isinstance(model.units()[0], Bottleneck)
+    widths = [getattr(model, f"layer{i}")[0].conv1.out_channels for i in range(1, model.num_stages + 1)]
+    base = PlainResNet(units, bottleneck, widths, cifar=not hasattr(model, "maxpool"),
+                       shortcut=model.shortcut, num_classes=model.fc.out_features,
+                       in_chans=model.in_chans)
+    base.load_state_dict(model.state_dict(), strict=True)
+    return base
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Measurement:
+    label: str
+    images_per_sec: float  # median over repeats
+    spread: tuple[float, float]  # min, max over repeats
+    repeats: list[float] = field(default_factory=list)
+
+
+def _interleaved(fns: dict[str, Callable[[], None]], images_per_call: int, *, warmup: int,
+                 repeats: int, iters: int, device: str) -> dict[str, Measurement]:
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    rates: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for label, fn in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            _sync(device)
+            rates[label].append(images_per_call * iters / (time.perf_counter() - t))
+    return {k: Measurement(k, statistics.median(v), (min(v), max(v)), v) for k, v in rates.items()}
+
+
+@dataclass
+class BenchResult:
+    mode: str
+    model: str
+    batch: int
+    input_size: tuple[int, int, int]
+    device: str
+    settings: dict
+    macs_per_image: int
+    baseline: Measurement
+    reslab: Measurement
+    speedup: float
+    peak_flops: dict[str, float]
+    achieved_flops: float
+    fraction_of_peak: float
+    checks: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _peaks(device: str, n: int | None) -> dict[str, float]:
+    return {"fp32": matmul_peak(torch.float32, device, n),
+            "bf16": matmul_peak(torch.bfloat16, device, n)}
+
+
+def _input_size(name: str, image_size: int | None, in_chans: int) -> tuple[int, int, int]:
+    native = model_info(name).input_size
+    size = image_size or native[1]
+    return (in_chans, size, size)
+
+
+@dataclass
+class Agreement:
+    """How the fast path's predictions compare with the fp32 model's on a real test set."""
+
+    dataset: str
+    images: int
+    top1_agreement: float  # fraction of images where both predict the same class
+    fp32_top1_error: float
+    fast_top1_error: float
+
+
+def agreement(path: str, fast_kwargs: dict, *, data_dir: str | None = None, device: str = "cpu",
+              batch: int = 500, limit: int | None = None) -> Agreement:
+    """Run a trained model file/run folder in fp32 and through `optimize_for_inference` over
+    its test set (in-memory datasets), and count how often the top-1 predictions agree."""
+    from .data import InMemoryDataset, normalize
+    from .inference import optimize_for_inference
+    from .train.predict import load_test_data
+
+    model, meta, bundle = load_test_data(path, data_dir=data_dir, device=device, test_limit=limit)
+    if not isinstance(bundle.test, InMemoryDataset):
+        raise ValueError(f"the agreement check needs an in-memory dataset (digits, cifar10, "
+                         f"cifar100); {path} was trained on {bundle.name}")
+    fast = optimize_for_inference(model, **fast_kwargs)
+    same = wrong_ref = wrong_fast = 0
+    with torch.inference_mode():
+        for i in range(0, len(bundle.test), batch):
+            x = normalize(bundle.test.images[i:i + batch].to(device), meta["mean"], meta["std"])
+            y = bundle.test.labels[i:i + batch].to(device)
+            ref, got = model(x).argmax(1), fast(x).argmax(1)
+            same += int((ref == got).sum())
+            wrong_ref += int((ref != y).sum())
+            wrong_fast += int((got != y).sum())
+    n = len(bundle.test)
+    return Agreement(bundle.name, n, same / n, wrong_ref / n, wrong_fast / n)
+
+
+def bench_infer(name: str = "resnet50", *, batch: int = 16, precision: str = "bf16",
+                channels_last: bool = True, fold_bn: bool = True, compile: bool = False,
+                backend: str = "torch", image_size: int | None = None, in_chans: int = 3,
+                device: str = "cpu", warmup: int = 2, repeats: int = 5, iters: int = 3,
+                peak_n: int | None = None, checkpoint: str | None = None,
+                data_dir: str | None = None) -> BenchResult:
+    """Inference images/s of reslab's optimised model against the eager fp32 baseline.
+
+    With `checkpoint` (a trained model file or run folder) the fast path's top-1 predictions
+    are also compared with fp32's over the model's test set (`checks["test_set"]`)."""
+    from .inference import optimize_for_inference
+
+    torch.manual_seed(0)
+    model = create_model(name, in_chans=in_chans).eval()
+    size = _input_size(name, image_size, in_chans)
+    base = baseline_for(model).eval().to(device)
+    x = torch.randn(batch, *size, device=device)
+    if backend == "onnxruntime":
+        from .export import onnxruntime_session
+
+        run_fast, check_model = onnxruntime_session(model, size, fold_bn=fold_bn), None
+    else:
+        fast = optimize_for_inference(model.to(device), precision=precision,
+                                      channels_last=channels_last, fold_bn=fold_bn,
+                                      compile=compile)
+        run_fast = fast
+        check_model = fast
+    xf = x.to(memory_format=torch.channels_last) if channels_last else x
+
+    with torch.inference_mode():
+        ref = base(x)
+        got = run_fast(xf).float()
+        checks = {
+            "baseline_equals_reslab_fp32": bool(torch.allclose(model.to(device)(x), ref,
+                                                               rtol=1e-4, atol=1e-4)),
+            "random_input_top1_agreement": float((got.argmax(1) == ref.argmax(1)).float().mean()),
+            "max_abs_logit_diff": float((got - ref).abs().max()),
+        }
+        m = _interleaved({"baseline": lambda: base(x), "reslab": lambda: run_fast(xf)}, batch,
+                         warmup=warmup, repeats=repeats, iters=iters, device=device)
+    del check_model
+    if checkpoint is not None:
+        checks["test_set"] = asdict(agreement(
+            checkpoint, dict(precision=precision, channels_last=channels_last, fold_bn=fold_bn),
+            data_dir=data_dir, device=device))
+    macs = complexity(model, size).macs
+    peaks = _peaks(device, peak_n)
+    achieved = 2 * macs * m["reslab"].images_per_sec
+    peak = peaks["bf16" if precision in ("bf16", "fp16") else "fp32"]
+    return BenchResult(
+        "infer", name, batch, size, device,
+        dict(precision=precision, channels_last=channels_last, fold_bn=fold_bn, compile=compile,
+             backend=backend, threads=torch.get_num_threads()),
+        macs, m["baseline"], m["reslab"], m["reslab"].images_per_sec / m["baseline"].images_per_sec,
+        peaks, achieved, achieved / peak, checks,
+    )
+
+
+def bench_train(name: str = "resnet20", *, batch: int = 128, precision: str = "bf16",
+                channels_last: bool = True, compile: bool = False, image_size: int | None = None,
+                in_chans: int = 3, device: str = "cpu", warmup: int = 2, repeats: int = 5,
+                iters: int = 3, peak_n: int | None = None) -> BenchResult:
+    """Training images/s (forward, backward, SGD step) of reslab's step against the baseline's."""
+    from .train.step import make_train_step
+
+    torch.manual_seed(0)
+    model = create_model(name, in_chans=in_chans).to(device)
+    size = _input_size(name, image_size, in_chans)
+    base = baseline_for(model).to(device)
+    x = torch.randn(batch, *size, device=device)
+    y = torch.randint(0, model.fc.out_features, (batch,), device=device)
+
+    base_opt = torch.optim.SGD(base.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+    def baseline_step() -> None:
+        base_opt.zero_grad()
+        F.cross_entropy(base(x), y).backward()
+        base_opt.step()
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4,
+                          **_fast_sgd_kwargs(device))
+    step = make_train_step(model, opt, precision=precision, channels_last=channels_last,
+                           compile=compile)
+    xf = x.to(memory_format=torch.channels_last) if channels_last else x
+    m = _interleaved({"baseline": baseline_step, "reslab": lambda: step(xf, y)}, batch,
+                     warmup=warmup, repeats=repeats, iters=iters, device=device)
+    macs = complexity(model, size).macs
+    peaks = _peaks(device, peak_n)
+    achieved = 3 * 2 * macs * m["reslab"].images_per_sec
+    peak = peaks["bf16" if precision in ("bf16", "fp16") else "fp32"]
+    return BenchResult(
+        "train", name, batch, size, device,
+        dict(precision=precision, channels_last=channels_last, compile=compile,
+             threads=torch.get_num_threads()),
+        macs, m["baseline"], m["reslab"], m["reslab"].images_per_sec / m["baseline"].images_per_sec,
+        peaks, achieved, achieved / peak, {},
+    )
+
+
+def _fast_sgd_kwargs(device: str) -> dict:
+    # foreach fuses the per-parameter updates into a few multi-tensor kernels.
+    return {"foreach": True}

@@ -1,0 +1,59 @@
+"""`optimize_for_inference`: the fastest way reslab knows to run a trained model.
+
+What it does, each step measurable on its own with `reslab bench infer`:
+- folds every BatchNorm into the convolution before it (one op instead of two, same function);
+- converts to channels_last (NHWC), the layout oneDNN's CPU convolutions and cuDNN's tensor-core
+  kernels are fastest in;
+- casts the weights to bf16 (or fp16 on GPU): on CPUs with AVX-512 bf16 and on GPUs this halves
+  memory traffic and uses the low-precision matmul units; logits come back in that dtype;
+- optionally `torch.compile`s the result (fuses the ReLUs and additions into the convolutions'
+  epilogues; pays off for repeated calls, costs a one-time compilation).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class _CastInput(nn.Module):
+    """Cast the input to the model's dtype and layout so callers can pass fp32 NCHW tensors."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, channels_last: bool) -> None:
+        super().__init__()
+        self.model, self.dtype, self.channels_last = model, dtype, channels_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+
+def optimize_for_inference(model: nn.Module, *, precision: str = "bf16", channels_last: bool = True,
+                           fold_bn: bool = True, compile: bool = False) -> nn.Module:
+    """An eval-mode copy of `model` with BN folded, in channels_last and `precision`.
+
+    The original model is left untouched. The returned module accepts fp32 NCHW input.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    fast = copy.deepcopy(model).eval()
+    if fold_bn:
+        from .export import fold_batchnorm
+
+        fast = fold_batchnorm(fast)
+    dtype = PRECISIONS[precision]
+    fast = fast.to(dtype=dtype)
+    if channels_last:
+        fast = fast.to(memory_format=torch.channels_last)
+    for p in fast.parameters():
+        p.requires_grad_(False)
+    wrapped = _CastInput(fast, dtype, channels_last).eval()
+    if compile:
+        wrapped = torch.compile(wrapped, dynamic=False)
+    return wrapped

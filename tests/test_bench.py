@@ -1,0 +1,91 @@
+"""`reslab bench`: structure and consistency of its results (never timings), the plain baseline's
+equivalence with reslab's models, and the fp32/bf16 agreement check on a trained model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from reslab import create_model
+from reslab.bench import agreement, baseline_for, bench_infer, bench_train, matmul_peak
+from reslab.cli import main
+
+TINY = dict(warmup=0, repeats=2, iters=1, peak_n=64)
+
+
+@pytest.mark.parametrize("name, size", [("resnet20", 32), ("resnet18", 64), ("resnet50", 64)])
+def test_baseline_computes_the_same_function(name, size):
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    base = baseline_for(model).eval()
+    assert sum(p.numel() for p in base.parameters()) == sum(p.numel() for p in model.parameters())
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(base(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_baseline_refuses_models_it_cannot_express():
+    with pytest.raises(ValueError, match="original unit and shortcut A or B"):
+        baseline_for(create_model("preact_resnet110"))
+
+
+def test_matmul_peak_is_a_positive_rate():
+    assert matmul_peak(torch.float32, n=64, repeats=2) > 0
+
+
+def test_bench_train_result_is_consistent():
+    r = bench_train("resnet20", batch=4, **TINY)
+    assert r.mode == "train" and r.batch == 4 and r.input_size == (3, 32, 32)
+    # stem 442,368 + stage 1 6×2,359,296 + stages 2, 3 each 1,179,648 + 5×2,359,296 + fc 640
+    assert r.macs_per_image == 40_551_040
+    assert len(r.baseline.repeats) == len(r.reslab.repeats) == 2
+    assert r.baseline.spread[0] <= r.baseline.images_per_sec <= r.baseline.spread[1]
+    assert r.speedup == pytest.approx(r.reslab.images_per_sec / r.baseline.images_per_sec)
+    assert r.achieved_flops == pytest.approx(6 * r.macs_per_image * r.reslab.images_per_sec)
+    assert r.fraction_of_peak == pytest.approx(r.achieved_flops / r.peak_flops["bf16"])
+
+
+def test_bench_infer_checks_the_fast_path_against_the_baseline():
+    r = bench_infer("resnet20", batch=2, **TINY)
+    assert r.checks["baseline_equals_reslab_fp32"] is True
+    assert 0 <= r.checks["random_input_top1_agreement"] <= 1
+    assert r.achieved_flops == pytest.approx(2 * r.macs_per_image * r.reslab.images_per_sec)
+    r32 = bench_infer("resnet20", batch=2, precision="fp32", **TINY)
+    assert r32.fraction_of_peak == pytest.approx(r32.achieved_flops / r32.peak_flops["fp32"])
+    assert r32.checks["max_abs_logit_diff"] < 1e-3  # BN folding alone changes only rounding
+
+
+def test_cli_json_output(capsys):
+    assert main(["bench", "infer", "--model", "resnet20", "--batch", "2", "--repeats", "1",
+                 "--iters", "1", "--warmup", "0", "--peak-size", "64", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {"baseline", "reslab", "speedup", "peak_flops", "fraction_of_peak", "checks"} <= set(doc)
+    assert doc["model"] == "resnet20" and doc["settings"]["precision"] == "bf16"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "train", "--batch", "0"], "--batch must be >= 1, got 0"),
+    (["bench", "train", "--checkpoint", "x"], "--checkpoint applies to `reslab bench infer`"),
+    (["bench", "infer", "--model", "preact_resnet110", "--peak-size", "64"],
+     "original unit and shortcut A or B"),
+])
+def test_cli_errors(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_agreement_on_a_trained_model(tmp_path):
+    from reslab.train import TrainConfig, evaluate, train
+
+    run = tmp_path / "run"
+    train(TrainConfig.from_recipe("default", model="resnet20", data="digits", epochs=1,
+                                  train_limit=256, out=str(run), progress="none"))
+    a = agreement(str(run), dict(precision="fp32", channels_last=True, fold_bn=True))
+    ref = evaluate(str(run))
+    assert a.images == ref.count == 360
+    assert a.fp32_top1_error == pytest.approx(ref.top1_error)
+    assert a.top1_agreement == 1.0  # fp32 BN folding does not move any prediction here
+    b = agreement(str(run), dict(precision="bf16", channels_last=True, fold_bn=True))
+    assert b.fp32_top1_error == a.fp32_top1_error and 0.9 <= b.top1_agreement <= 1
