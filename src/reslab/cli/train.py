@@ -1,5 +1,6 @@
 """`reslab train --model M --data D [--recipe R] [--out DIR] [any TrainConfig field]`, or
-`reslab train --resume RUN_DIR`.
+`reslab train --resume RUN_DIR`; under ``torchrun --nproc-per-node=N -m reslab train ...`` the same
+command trains data-parallel on N processes (docs/scale-out.md).
 
 Every `TrainConfig` field is a flag of the same name (``--batch-size``, ``--no-flip``, ...), generated
 from the dataclass so the CLI can never lag behind it; a flag not given keeps the recipe's value.
@@ -30,19 +31,27 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from reslab.train import TrainConfig, TrainingDiverged, resume, train
+    from reslab.train.dist import DistributedError, torchrun_environment
 
     given = config_overrides(args, TrainConfig)
+    env = torchrun_environment()  # None in a single process
     try:
         if args.resume:
             result = resume(args.resume, **given)
         else:
             recipe = given.pop("recipe", "default")
             result = train(TrainConfig.from_recipe(recipe, **given))
-    except TrainingDiverged as e:
+    except (TrainingDiverged, DistributedError) as e:
         print(f"reslab train: {e}", file=sys.stderr)
         return 1
+    except (ValueError, FileNotFoundError) as e:
+        if env is None:
+            raise  # `reslab` prints it as a usage error
+        # torchrun interleaves every rank's output: say which rank the message comes from.
+        print(f"reslab train: error on rank {env.rank} of {env.world_size}: {e}", file=sys.stderr)
+        return 2
     last = result.final
-    if last is not None and last.test_top1_error is not None:
+    if (env is None or env.is_main) and last is not None and last.test_top1_error is not None:
         print(f"{result.config.model} on {result.config.data}: {result.status} after {result.epochs} "
               f"epochs ({result.steps} steps, {result.wall_time:.1f}s); final test top-1 error "
               f"{100 * last.test_top1_error:.2f}% (accuracy {100 * (1 - last.test_top1_error):.2f}%), "

@@ -24,7 +24,7 @@ PROGRESS = ("auto", "bar", "plain", "none")
 ERROR_WARMUP_MIN_DEPTH = 110
 # Settings that change how a run executes but not what it computes, so `--resume` may change
 # them (a moved dataset is checked against the run's record of it).
-RUNTIME_FIELDS = ("device", "threads", "workers", "progress", "tensorboard", "data_dir")
+RUNTIME_FIELDS = ("device", "threads", "workers", "progress", "tensorboard", "data_dir", "dist_timeout")
 
 
 def _f(help: str, **kw: Any) -> Any:
@@ -65,7 +65,8 @@ class TrainConfig:
     epochs: int | None = _f("training epochs (default: the recipe's for this dataset)",
                             default=None, minimum=1)
     steps: int | None = _f("training iterations; overrides epochs", default=None, minimum=1)
-    batch_size: int = _f("mini-batch size", default=128, minimum=1)
+    batch_size: int = _f("mini-batch size (of each process under torchrun: the global batch is "
+                         "batch_size × world size)", default=128, minimum=1)
     lr: float = _f("peak learning rate", default=0.1, minimum=0.0, exclusive=True)
     momentum: float = _f("SGD momentum", default=0.9, minimum=0.0)
     nesterov: bool = _f("Nesterov momentum", default=False)
@@ -104,6 +105,15 @@ class TrainConfig:
     seed: int = _f("seed of weights, data order and augmentation", default=0, minimum=0)
     deterministic: bool = _f("deterministic algorithms only (bitwise-reproducible)",
                              default=False)
+
+    # --- data parallel (under torchrun; see docs/scale-out.md)
+    sync_bn: bool = _f("normalise with the statistics of the global batch across processes "
+                       "(SyncBatchNorm; GPUs only)", default=False)
+    scale_lr: bool = _f("multiply lr and error_warmup_lr by the number of processes (the linear "
+                        "scaling rule of Goyal et al. 2017 for the global batch)", default=False)
+    dist_timeout: float = _f("seconds a process waits for the others before failing with an "
+                             "error (a rank died or hangs)", default=300.0, minimum=0.0,
+                             exclusive=True)
 
     # --- bookkeeping
     out: str | None = _f("run folder (default: runs/MODEL-DATA-TIME)", default=None)

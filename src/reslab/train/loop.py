@@ -11,6 +11,10 @@ Folder datasets use a DataLoader with workers. Randomness comes from three place
 reproducible: the global torch RNG (weights, dropout), a per-epoch generator for the data order
 (seeded from seed and epoch), and one augmentation generator whose state is checkpointed, so a
 run interrupted anywhere continues with the very same batches.
+
+Under torchrun (see ``dist.py``) every rank draws the same data order and takes its shard of it;
+the augmentation and dropout draws are seeded per rank (rank 0 keeps the single-process seeds),
+and the checkpoint holds every rank's generator states, so a distributed run resumes exactly too.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from torch import nn
 from ..checkpoint import _unwrap, save_model
 from ..data import AugmentSpec, DatasetBundle, InMemoryDataset, augment_batch, batches, load_dataset, normalize
 from .config import ERROR_WARMUP_MIN_DEPTH, RUNTIME_FIELDS, TrainConfig
-from .dist import DistContext
+from .dist import DistContext, backend_for, check_sync_bn, process_group, torchrun_environment, wrap_model
 from .evaluate import evaluate_model
 from .progress import Reporter, make_reporter
 from .runs import (EpochMetrics, RunFiles, check_new_run_dir, load_checkpoint, new_run_dir, plot_curves,
@@ -82,8 +86,8 @@ class Callback:
 
 @dataclass
 class RunResult:
-    """What a run produced. `model` holds the last weights; `eval_model` the evaluated ones
-    (the EMA when `ema_decay` is set, else `model`)."""
+    """What a run produced. `model` holds the last weights (the plain module, not its DDP
+    wrapper); `eval_model` the evaluated ones (the EMA when `ema_decay` is set, else `model`)."""
 
     model: nn.Module
     eval_model: nn.Module
@@ -106,20 +110,36 @@ class RunResult:
 
 def train(config: TrainConfig, *, callbacks: Sequence[Callback] = (), dist: DistContext | None = None,
           reporter: Reporter | None = None) -> RunResult:
-    """Train `config.model` on `config.data` into a new run folder (`config.out` or runs/...)."""
+    """Train `config.model` on `config.data` into a new run folder (`config.out` or runs/...).
+
+    Started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) and given no `dist`, it opens the
+    process group itself and trains data-parallel (see ``dist.py``).
+    """
+    if dist is None and (env := torchrun_environment()) is not None:
+        with process_group(env, resolve_device(config.device), config.dist_timeout) as dist:
+            return train(config, callbacks=callbacks, dist=dist, reporter=reporter)
     dist = dist or DistContext()
-    if dist.world_size > 1 and not config.out:
-        raise ValueError("distributed training needs an explicit --out, the same on every rank")
-    data = load_data(config)
+    data = load_data_in_turn(config, dist)
     config = resolve_config(config, data)
-    run_dir = new_run_dir(config)
+    check_sync_bn(config.sync_bn, config.device, dist)
+    # Rank 0 names the folder (a default name holds the time) and checks it; all ranks then fail
+    # alike or go on alike, instead of the others waiting for a rank 0 that has stopped.
+    run_dir = problem = None
     if dist.is_main:
-        check_new_run_dir(run_dir)
+        run_dir = new_run_dir(config)
+        try:
+            check_new_run_dir(run_dir)
+        except ValueError as e:
+            problem = str(e)
+    run_dir, problem = dist.broadcast_object((run_dir, problem))
+    if problem:
+        raise ValueError(problem)
     config = config.replace(out=str(run_dir))
-    torch.manual_seed(config.seed)  # the initial weights
+    torch.manual_seed(config.seed)  # the initial weights (the same on every rank)
     model = build_model(config)
     if dist.is_main:
-        write_config(RunFiles(run_dir), config, {"dataset": dataset_meta(data), "model": model_meta(config, data)})
+        write_config(RunFiles(run_dir), config, {"dataset": dataset_meta(data), "model": model_meta(config, data),
+                                                 "distributed": distributed_meta(config, dist)})
     return fit(model, data, config, run_dir=run_dir, callbacks=callbacks, dist=dist, reporter=reporter)
 
 
@@ -128,9 +148,25 @@ def resume(run_dir: str | Path, *, callbacks: Sequence[Callback] = (), dist: Dis
     """Continue the run in `run_dir` from its last checkpoint, exactly as it would have gone on.
 
     Only settings that do not change the computation (`RUNTIME_FIELDS`: device, threads,
-    workers, progress, tensorboard, data_dir) may be changed.
+    workers, progress, tensorboard, data_dir, dist_timeout) may be changed. Under torchrun it
+    opens the process group as `train` does; the world size must be the run's.
     """
+    if dist is None and (env := torchrun_environment()) is not None:
+        saved, _ = read_config(run_dir)
+        device = runtime.get("device") or saved.device
+        timeout = runtime.get("dist_timeout") or saved.dist_timeout
+        with process_group(env, resolve_device(device), timeout) as dist:
+            return resume(run_dir, callbacks=callbacks, dist=dist, reporter=reporter, **runtime)
+    dist = dist or DistContext()
     config, doc = read_config(run_dir)
+    trained_on = doc.get("distributed", {}).get("world_size", 1)
+    if trained_on != dist.world_size:
+        raise ValueError(
+            f"{run_dir} was trained by {trained_on} process(es) and this resume runs {dist.world_size}; "
+            f"the data shards and steps per epoch depend on it, so resume with the same number "
+            f"(torchrun --nproc-per-node=... --nnodes=... giving a world size of {trained_on}"
+            + ("" if trained_on > 1 else ", or without torchrun") + ")"
+        )
     given = {k: v for k, v in runtime.items() if v is not None}
     unknown = sorted(set(given) - set(config.to_dict()))
     if unknown:
@@ -144,7 +180,7 @@ def resume(run_dir: str | Path, *, callbacks: Sequence[Callback] = (), dist: Dis
             "those flags, or start a new run with --out"
         )
     config = config.replace(**changed, out=str(run_dir))
-    data = load_data(config)
+    data = load_data_in_turn(config, dist)
     if doc.get("dataset") and dataset_meta(data) != doc["dataset"]:
         raise ValueError(
             f"the dataset {config.data!r} is not the one {run_dir} was trained on (its size, "
@@ -168,7 +204,9 @@ def fit(
 ) -> RunResult:
     """Train `model` on `data` with `config`'s recipe; checkpoint into `run_dir` if given.
 
-    The model may be wrapped (DDP); its plain module is what is checkpointed. Returns when the
+    With a `dist` of more than one process (the process group open), the model is wrapped in
+    DistributedDataParallel here (SyncBatchNorm first with `config.sync_bn`; a model already in
+    DDP is used as it is); its plain module is what is checkpointed. Returns when the
     step budget is spent, when a callback raises `StopTraining`, or on SIGINT/SIGTERM (after
     saving a checkpoint). Raises `TrainingDiverged` when the loss stops being finite.
     """
@@ -217,6 +255,20 @@ def load_data(config: TrainConfig) -> DatasetBundle:
         seed=config.seed, train_limit=config.train_limit, test_limit=config.test_limit,
         **config.data_options,
     )
+
+
+def load_data_in_turn(config: TrainConfig, dist: DistContext) -> DatasetBundle:
+    """`load_data`; with --download in a distributed run, rank 0 first, then the first rank of
+    each other node, then the rest, so no two processes unpack the same archive at once."""
+    if not (config.download and dist.world_size > 1):
+        return load_data(config)
+    turn = 0 if dist.is_main else 1 if dist.local_rank == 0 else 2
+    data = None
+    for phase in range(3):
+        if phase == turn:
+            data = load_data(config)
+        dist.barrier()
+    return data
 
 
 def resolve_config(config: TrainConfig, data: DatasetBundle) -> TrainConfig:
@@ -268,6 +320,17 @@ def model_meta(config: TrainConfig, data: DatasetBundle) -> dict[str, Any]:
     }
 
 
+def distributed_meta(config: TrainConfig, dist: DistContext) -> dict[str, Any]:
+    """How many processes trained the run and what that made of the batch and the lr."""
+    scale = dist.world_size if config.scale_lr else 1
+    return {
+        "world_size": dist.world_size, "batch_size_per_process": config.batch_size,
+        "global_batch_size": config.batch_size * dist.world_size, "lr": config.lr * scale,
+        "sync_bn": config.sync_bn and dist.world_size > 1,
+        "backend": backend_for(config.device) if dist.world_size > 1 else None,
+    }
+
+
 def dataset_meta(data: DatasetBundle) -> dict[str, Any]:
     return {
         "name": data.name, "train_size": len(data.train), "test_size": len(data.test),
@@ -297,7 +360,14 @@ class _Run:
         self.files = RunFiles(self.run_dir) if self.run_dir is not None and dist.is_main else None
         self.reporter = reporter or (make_reporter(config.progress) if dist.is_main else Reporter())
         self.meta = model_meta(config, data)
-        self.model = model.to(self.device)
+        check_sync_bn(config.sync_bn, config.device, dist)
+        # `plain` is what the caller gets back; the DDP wrapper made here must not outlive `fit`
+        # (see dist._destroy).
+        self.plain = model.to(self.device)
+        model = self.model = wrap_model(self.plain, dist, self.device, sync_bn=config.sync_bn,
+                                        channels_last=config.channels_last)
+        if dist.rank > 0:
+            torch.manual_seed(self.seed("torch"))  # dropout, folder augmentation: rank's own draws
         self.optimizer = make_optimizer(model, config)
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
         self.train_step = make_train_step(
@@ -307,7 +377,7 @@ class _Run:
         )
         self.ema = EMA(model, config.ema_decay) if config.ema_decay is not None else None
         self.augment = AugmentSpec(pad=config.pad, flip=config.flip, cutout=config.cutout)
-        self.aug_gen = torch.Generator().manual_seed(derive_seed(config.seed, "augment"))
+        self.aug_gen = torch.Generator().manual_seed(self.seed("augment"))
         self.train_set = data.train.to(self.device) if isinstance(data.train, InMemoryDataset) else data.train
         per_rank = math.ceil(len(data.train) / dist.world_size)
         # A last batch smaller than batch_size is dropped (noisy BN statistics, a different
@@ -316,8 +386,11 @@ class _Run:
         self.steps_per_epoch = per_rank // config.batch_size if self.drop_last else 1
         self.total_steps = config.steps or config.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        self.lr_schedule = build_schedule(config, self.steps_per_epoch, self.total_steps)
-        self.warmup = (ErrorWarmup(config.error_warmup_lr, config.error_warmup_threshold)
+        # The linear scaling rule (Goyal et al. 2017, Sec. 2.1): k times the batch, k times the lr.
+        k = dist.world_size if config.scale_lr else 1
+        rates = config if k == 1 else config.replace(lr=config.lr * k, error_warmup_lr=config.error_warmup_lr * k)
+        self.lr_schedule = build_schedule(rates, self.steps_per_epoch, self.total_steps)
+        self.warmup = (ErrorWarmup(rates.error_warmup_lr, config.error_warmup_threshold)
                        if config.error_warmup == "on" else None)
         # Reading a loss waits for the device; on a GPU batch that wait over several steps.
         self.sync_every = 1 if self.device.type == "cpu" else 25
@@ -328,21 +401,28 @@ class _Run:
         self.writer = None
         self.last_saved: tuple[int, int] | None = None  # (step, epoch) of the last checkpoint
 
+    def seed(self, *tags: object) -> int:
+        """The seed of one random stream of this rank; rank 0's are the single-process seeds."""
+        rank = () if self.dist.rank == 0 else ("rank", self.dist.rank)
+        return derive_seed(self.config.seed, *tags, *rank)
+
     # --- data and lr
     def epoch_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The current epoch's (uint8 images, labels) on the device, after the batches done."""
         cfg, st = self.config, self.state
         order = torch.Generator().manual_seed(derive_seed(cfg.seed, "order", st.epoch))
         if isinstance(self.train_set, InMemoryDataset):
+            # The step count ends the epoch (islice), so a short last batch is never used; the
+            # permutation is padded to a multiple of world_size, as the folder sampler's is.
             it = batches(self.train_set, cfg.batch_size, shuffle=True, generator=order,
-                         drop_last=self.drop_last, rank=self.dist.rank, world_size=self.dist.world_size)
+                         rank=self.dist.rank, world_size=self.dist.world_size)
             yield from islice(it, st.batch, self.steps_per_epoch)
             return
         sampler = _EpochSampler(len(self.train_set), order, self.dist, skip=st.batch * cfg.batch_size)
         loader = torch.utils.data.DataLoader(
             self.train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
             drop_last=self.drop_last, pin_memory=self.device.type == "cuda",
-            generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "workers", st.epoch)),
+            generator=torch.Generator().manual_seed(self.seed("workers", st.epoch)),
         )
         for x, y in islice(loader, self.steps_per_epoch - st.batch):
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -381,6 +461,12 @@ class _Run:
         values = torch.stack([torch.stack([o.loss.float(), o.correct.float()]) for o, _ in self.pending]).tolist()
         first = self.state.step - len(self.pending) + 1
         st = self.state
+        if self.warmup is not None:
+            # The warm-up ends on the error of the global batch, so every rank switches its lr
+            # at the same step (a per-rank decision would make the replicas drift apart).
+            counts = self.dist.all_reduce_sum(torch.tensor(
+                [[correct, n] for (_, correct), (_, n) in zip(values, self.pending)],
+                dtype=torch.float64, device=self.device)).tolist()
         for i, ((loss, correct), (_, n)) in enumerate(zip(values, self.pending)):
             if not math.isfinite(loss):
                 self.diverged(first + i, loss)
@@ -388,7 +474,7 @@ class _Run:
             st.sums[1] += correct
             st.sums[2] += n
             if self.warmup is not None:
-                self.warmup.update(1.0 - correct / n)
+                self.warmup.update(1.0 - counts[i][0] / counts[i][1])
         self.pending.clear()
         self.reporter.step(step=st.step, epoch=st.epoch + 1, loss=st.sums[0] / st.sums[2],
                            accuracy=st.sums[1] / st.sums[2],
@@ -417,6 +503,10 @@ class _Run:
         last = st.step >= self.total_steps
         test = None
         if (st.epoch + 1) % cfg.eval_every == 0 or last:
+            # Evaluation runs outside DDP: give every rank rank 0's BN statistics first.
+            self.dist.broadcast_buffers(_unwrap(self.model))
+            if self.ema is not None:
+                self.dist.broadcast_buffers(self.ema.module)
             test = evaluate_model(self.eval_model, self.data.test, mean=self.data.mean, std=self.data.std,
                                   batch_size=cfg.eval_batch_size, precision=cfg.precision,
                                   channels_last=cfg.channels_last, workers=cfg.workers, dist=self.dist)
@@ -434,7 +524,8 @@ class _Run:
             st.best_top1_error = test.top1_error
         if self.files is not None:
             write_metrics(self.files, st.history)
-            self.save()
+        self.save()  # on every rank: a distributed save gathers each rank's RNG states
+        if self.files is not None:
             if improved:
                 save_model(self.files.best, self.eval_model,
                            {**self.meta, "step": st.step, "epoch": st.epoch,
@@ -453,13 +544,18 @@ class _Run:
 
     # --- checkpoints
     def save(self) -> None:
+        """Checkpoint (rank 0 writes). Every rank calls it at the same points."""
         self.flush()
         st = self.state
-        if self.files is None or self.last_saved == (st.step, st.epoch):
+        if self.run_dir is None or self.last_saved == (st.step, st.epoch):
             return
         rng = {"torch": torch.get_rng_state(), "augment": self.aug_gen.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        ranks = self.gather_rank_states(rng) if self.dist.world_size > 1 else None
+        self.last_saved = (st.step, st.epoch)
+        if self.files is None:
+            return
         save_checkpoint(self.files, self.model, self.meta, {
             "step": st.step, "epoch": st.epoch, "batch": st.batch, "sums": list(st.sums),
             "epoch_train_time": st.epoch_train_time, "elapsed": self.wall_time(),
@@ -470,8 +566,16 @@ class _Run:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "warmup": self.warmup.state_dict() if self.warmup is not None else None,
             "rng": rng,
+            **({"ranks": ranks} if ranks is not None else {}),
         })
-        self.last_saved = (st.step, st.epoch)
+
+    def gather_rank_states(self, rng: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+        """What differs between ranks, for every rank: its generator states (each rank draws its
+        own augmentations) and its share of the epoch's running loss/accuracy sums."""
+        gathered = {k: self.dist.all_gather(v, self.device) for k, v in rng.items()}
+        sums = self.dist.all_gather(torch.tensor(self.state.sums, dtype=torch.float64), self.device)
+        return [{"rng": {k: v[r] for k, v in gathered.items()}, "sums": sums[r].tolist()}
+                for r in range(self.dist.world_size)]
 
     def restore(self) -> None:
         if self.run_dir is None:
@@ -482,13 +586,20 @@ class _Run:
         for name, obj in (("scaler", self.scaler), ("ema", self.ema), ("warmup", self.warmup)):
             if obj is not None:
                 obj.load_state_dict(saved[name])
-        torch.set_rng_state(saved["rng"]["torch"])
-        self.aug_gen.set_state(saved["rng"]["augment"])
-        if "cuda" in saved["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(saved["rng"]["cuda"], self.device)
+        rng, sums = saved["rng"], saved["sums"]
+        if self.dist.world_size > 1:
+            written_by = len(saved.get("ranks", [None]))
+            if written_by != self.dist.world_size:
+                raise ValueError(f"{files.state} was written by a run of {written_by} process(es), not "
+                                 f"{self.dist.world_size}; resume it with {written_by}")
+            rng, sums = saved["ranks"][self.dist.rank]["rng"], saved["ranks"][self.dist.rank]["sums"]
+        torch.set_rng_state(rng["torch"])
+        self.aug_gen.set_state(rng["augment"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
         st = self.state
         st.step, st.epoch, st.batch = saved["step"], saved["epoch"], saved["batch"]
-        st.sums, st.epoch_train_time = list(saved["sums"]), saved["epoch_train_time"]
+        st.sums, st.epoch_train_time = list(sums), saved["epoch_train_time"]
         st.elapsed, st.best_top1_error, st.lr = saved["elapsed"], saved["best_top1_error"], saved["lr"]
         st.history = [EpochMetrics.from_dict(d) for d in saved["history"]]
         self.clock = time.perf_counter()
@@ -508,7 +619,7 @@ class _Run:
                 f"`reslab train --resume {self.files.root}`")
         st = self.state
         return RunResult(
-            model=self.model, eval_model=self.eval_model, config=self.config, history=list(st.history),
+            model=self.plain, eval_model=self.eval_model, config=self.config, history=list(st.history),
             status=status, steps=st.step, epochs=st.epoch, best_top1_error=st.best_top1_error,
             wall_time=self.wall_time(), run_dir=self.files.root if self.files else None, signal=signum,
         )
