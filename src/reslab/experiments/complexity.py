@@ -20,6 +20,7 @@ from torch import nn
 from ..models import complexity, create_model, list_models, model_info
 from ..models.resnet import BasicBlock, Bottleneck
 from . import ExperimentConfig, ExperimentResult
+from .report import save_figure
 
 NETWORKS = {
     "demo": ["resnet20", "resnet56", "resnet110", "preact_resnet164", "highway56",
@@ -154,8 +155,4 @@ def _plot(rows: list[dict], cfg: ExperimentConfig):
         ax.set_ylabel(y)
         ax.grid(alpha=0.3)
     fig.suptitle("Parameters, multiply-adds and CPU time")
-    fig.tight_layout()
-    path = cfg.folder / "complexity.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, cfg.folder / "complexity.png")

@@ -20,7 +20,7 @@ from pathlib import Path
 from ..models import list_models
 from . import ExperimentConfig, ExperimentResult
 from .common import Trained, dataset, seeds, train_cached
-from .report import mean_std
+from .report import mean_std, save_figure
 
 DEPTHS = {"demo": (20, 32, 44, 56), "small": (20, 32, 44, 56), "paper": (20, 32, 44, 56, 110)}
 FAMILIES = ("plain", "resnet")
@@ -227,8 +227,4 @@ def _plot(curves: dict[tuple[str, int], list[Trained]], cfg: ExperimentConfig) -
         ax.legend(fontsize=8)
     axes[0].set_ylabel("error (%)")
     fig.suptitle("Training (dashed) and test (solid) error — He et al. 2015, Fig. 6")
-    fig.tight_layout()
-    path = cfg.folder / "degradation.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, cfg.folder / "degradation.png")

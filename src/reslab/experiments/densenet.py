@@ -15,7 +15,7 @@ import statistics
 from ..models import complexity, list_models, model_info
 from . import ExperimentConfig, ExperimentResult
 from .common import Trained, dataset, seeds, train_cached
-from .report import mean_std
+from .report import mean_std, save_figure
 
 # densenet100_k12 (7M parameters, 1.8 GMACs at 32×32) and the larger nets take far longer than
 # a demo's minute on a CPU; the small scale adds ResNet-110 and DenseNet-100 (k = 12).
@@ -215,8 +215,4 @@ def _plot(rows: list[dict], cfg: ExperimentConfig):
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)
     fig.suptitle("DenseNet vs ResNet: error against cost")
-    fig.tight_layout()
-    path = cfg.folder / "densenet.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, cfg.folder / "densenet.png")

@@ -40,7 +40,7 @@ from ..data import DatasetBundle, InMemoryDataset, normalize
 from ..models import create_model, list_models, model_info
 from . import ExperimentConfig, ExperimentResult
 from .common import dataset, seeds, train_cached
-from .report import csv_text
+from .report import csv_text, save_figure
 
 DEPTH = {"demo": 56, "small": 56, "paper": 110}
 # DenseNet-BC-100 (k = 12): 48 dense layers, between the 27 and 54 units of ResNet-56/110, and
@@ -369,8 +369,4 @@ def _plot(per_layer: list[dict], cfg: ExperimentConfig):
                 ax.set_xlabel("unit l (1 = nearest the input)")
     axes[0][0].legend(fontsize=8)
     fig.suptitle("Gradient norms per layer (log scale)")
-    fig.tight_layout()
-    path = cfg.folder / "gradients.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, cfg.folder / "gradients.png")

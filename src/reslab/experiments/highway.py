@@ -22,7 +22,7 @@ from ..models import create_model, list_models
 from ..models.highway import HighwayUnit
 from . import ExperimentConfig, ExperimentResult
 from .common import Trained, dataset, seeds, train_cached
-from .report import mean_std
+from .report import mean_std, save_figure
 
 DEPTHS = {"demo": (20, 56), "small": (20, 56), "paper": (20, 56, 110)}
 FAMILIES = ("plain", "resnet", "highway")
@@ -301,11 +301,7 @@ def _plot_curves(curves: dict[str, list[Trained]], cfg: ExperimentConfig):
     axes[0].set_ylabel("error (%)")
     axes[1].legend(fontsize=8)
     fig.suptitle("Plain vs ResNet vs highway (dashed: shallower, solid: deeper)")
-    fig.tight_layout()
-    path = cfg.folder / "curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, cfg.folder / "curves.png")
 
 
 def _plot_gates(gate_rows: list[dict], cfg: ExperimentConfig):
@@ -329,8 +325,4 @@ def _plot_gates(gate_rows: list[dict], cfg: ExperimentConfig):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("Trained transform gates on the test set (T: transform, 1 − T: carry)")
-    fig.tight_layout()
-    path = cfg.folder / "gates.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, cfg.folder / "gates.png")

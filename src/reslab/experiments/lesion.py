@@ -36,6 +36,7 @@ from ..data import DatasetBundle, normalize
 from ..models import create_model, list_models
 from ..models.resnet import ResidualUnit
 from . import ExperimentConfig, ExperimentResult
+from .report import save_figure
 from .common import Trained, dataset, train_cached
 from .responses import is_downsampling
 
@@ -509,11 +510,7 @@ def _pyplot():
 
 
 def _save(fig, cfg: ExperimentConfig, name: str) -> Path:
-    fig.tight_layout()
-    path = cfg.folder / name
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-    return path
+    return save_figure(fig, cfg.folder / name)
 
 
 def _plot_single(rows, full, chance, name, twin, cfg) -> Path:

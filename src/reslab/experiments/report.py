@@ -68,6 +68,16 @@ def _environment() -> str:
             f"{threads} threads")
 
 
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out, write (PNG, 110 dpi, the size every report uses) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_report(result: ExperimentResult, cfg: ExperimentConfig) -> Path:
     folder = cfg.folder
     folder.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from ..train import resolve_config
 from . import ExperimentConfig, ExperimentResult
 from .common import Trained, _key, dataset, training_config
 from .degradation import FAMILIES, cifar_depths, train_runs
-from .report import mean_std
+from .report import mean_std, save_figure
 
 DEPTHS = {"demo": (20, 56), "small": (20, 56, 110), "paper": (20, 56, 110)}
 # At demo scale plain-110 and ResNet-110 are added only if training them fits this many
@@ -340,8 +340,4 @@ def _plot(per_unit: dict[str, list[float]], cfg: ExperimentConfig) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, ncol=2)
     fig.suptitle("Std of each unit's response F(x) on the test set — He et al. 2015, Fig. 7")
-    fig.tight_layout()
-    path = cfg.folder / "responses.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, cfg.folder / "responses.png")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import ExperimentConfig, ExperimentResult
+from .report import save_figure
 from .common import dataset
 from .preact import (cifar_depth, error_columns, params, plot_curves, ranking, schedule_text,
                      sort_key, test_images, train_seeds)
@@ -298,8 +299,4 @@ def _plot_bars(rows: list[dict[str, Any]], cfg: ExperimentConfig, depth: int) ->
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"Shortcut options and variants, ResNet-{depth} on {cfg.dataset}")
-    fig.tight_layout()
-    path = cfg.folder / "shortcuts.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, cfg.folder / "shortcuts.png")
