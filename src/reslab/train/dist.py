@@ -144,7 +144,9 @@ def process_group(dist: DistContext, device: str, timeout: float) -> Iterator[Di
     except Exception as e:
         if not is_communication_failure(e):
             raise
-        if "timed out" in str(e).lower():
+        # gloo words a timeout either way: "Timed out waiting …" or "Application timeout caused
+        # pair closure" (seen when the peer is frozen with SIGSTOP on a loaded machine).
+        if "timed out" in str(e).lower() or "timeout" in str(e).lower():
             what = (f"waited longer than --dist-timeout {timeout:g}s for the other ranks: one of them "
                     "hangs or died (if they only need longer, e.g. for a slow first step or a big "
                     "checkpoint, raise --dist-timeout)")
@@ -194,8 +196,8 @@ def is_communication_failure(e: BaseException) -> bool:
         return True
     text = str(e)
     return isinstance(e, RuntimeError) and any(
-        s in text for s in ("gloo/transport", "Timed out", "Connection reset", "Connection closed",
-                            "NCCL", "ProcessGroup"))
+        s in text for s in ("gloo/transport", "Timed out", "timeout caused pair closure",
+                            "Connection reset", "Connection closed", "NCCL", "ProcessGroup"))
 
 
 def _first_line(e: BaseException) -> str:
