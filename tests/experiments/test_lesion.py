@@ -163,6 +163,20 @@ def test_path_gradients_share_the_model_s_forward_pass():
     assert len(paths) == 3 and all(p.requires_grad for p in model.parameters())
 
 
+def test_error_rate_in_channels_last_and_bf16_matches_and_keeps_the_model_trainable():
+    model = _tiny_resnet().eval()
+    x, y = torch.randn(40, 1, 8, 8), torch.randint(0, 4, (40,))
+    reference = error_rate(model, x, y, batch_size=16)
+    assert error_rate(model, x, y, batch_size=16, channels_last=True) == pytest.approx(reference)
+    low = error_rate(model, x, y, batch_size=16, precision="bf16", channels_last=True)
+    assert abs(low - reference) <= 0.1  # bf16 may flip a near-tie or two, not more
+    # The path gradients still work on the same model afterwards: error_rate, which runs under
+    # inference mode, must not have turned the weights into inference tensors.
+    assert not any(p.is_inference() for p in model.parameters())
+    paths = PathGradients(model, x[:4], y[:4])
+    assert paths.gradient([True] * len(paths)).shape == (4, *paths.inputs[0].shape[1:])
+
+
 def test_the_gradients_of_all_paths_sum_to_the_full_gradient():
     model = _tiny_resnet()
     x, y = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
