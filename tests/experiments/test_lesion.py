@@ -15,7 +15,7 @@ from reslab.experiments.lesion import (
     PathGradients, effective_range, error_rate, findings, gradient_per_length, lesioned,
     path_length_distribution, random_deletions,
 )
-from reslab.data import normalize
+from reslab.data import InMemoryDataset, normalize
 from reslab.models.resnet import cifar_resnet
 from reslab.train import evaluate_model
 
@@ -61,6 +61,8 @@ def test_deleting_no_unit_reproduces_the_model_s_error_exactly(result):
         bundle = dataset(trained.config)
         full = evaluate_model(trained.model, bundle.test, mean=bundle.mean, std=bundle.std)
         assert k0[f"{family} mean (%)"] == 100 * full.top1_error
+        # ... which is the error the training itself reported after its last epoch.
+        assert k0[f"{family} mean (%)"] == 100 * trained.history[-1].test_top1_error
         assert k0[f"{family} std"] == 0.0
 
 
@@ -69,10 +71,16 @@ def test_single_deletion_rows_match_a_direct_lesioned_evaluation(result):
     trained = train_cached(cfg, "resnet20")
     bundle = dataset(trained.config)
     x = normalize(bundle.test.images, bundle.mean, bundle.std)
-    full = 100 * error_rate(trained.model, x, bundle.test.labels)
+
+    def direct_error() -> float:  # written out here, independent of the experiment's code
+        with torch.no_grad():
+            wrong = (trained.model.eval()(x).argmax(1) != bundle.test.labels).sum()
+        return 100 * int(wrong) / len(x)
+
+    full = direct_error()
     for unit in (4, 9):
         with lesioned(trained.model, [unit - 1]):
-            expected = 100 * error_rate(trained.model, x, bundle.test.labels)
+            expected = direct_error()
         row = res.rows[unit - 1]
         assert row["resnet error (%)"] == expected
         assert row["resnet Δ (points)"] == pytest.approx(expected - full)
@@ -165,15 +173,22 @@ def test_path_gradients_share_the_model_s_forward_pass():
 
 def test_error_rate_in_channels_last_and_bf16_matches_and_keeps_the_model_trainable():
     model = _tiny_resnet().eval()
-    x, y = torch.randn(40, 1, 8, 8), torch.randint(0, 4, (40,))
-    reference = error_rate(model, x, y, batch_size=16)
-    assert error_rate(model, x, y, batch_size=16, channels_last=True) == pytest.approx(reference)
-    low = error_rate(model, x, y, batch_size=16, precision="bf16", channels_last=True)
+    gen = torch.Generator().manual_seed(0)
+    test = InMemoryDataset(torch.randint(0, 256, (40, 1, 8, 8), generator=gen, dtype=torch.uint8),
+                           torch.randint(0, 4, (40,), generator=gen))
+    stats = dict(mean=[0.5], std=[0.25])
+    x = normalize(test.images, **stats)
+    with torch.no_grad():
+        reference = float((model(x).argmax(1) != test.labels).float().mean())
+    assert error_rate(model, test, **stats, batch_size=16) == pytest.approx(reference)
+    model.to(memory_format=torch.channels_last)  # as the experiment does, outside inference mode
+    assert error_rate(model, test, **stats, batch_size=16, channels_last=True) == \
+        pytest.approx(reference)
+    low = error_rate(model, test, **stats, batch_size=16, precision="bf16", channels_last=True)
     assert abs(low - reference) <= 0.1  # bf16 may flip a near-tie or two, not more
-    # The path gradients still work on the same model afterwards: error_rate, which runs under
-    # inference mode, must not have turned the weights into inference tensors.
+    # The path gradients still work on the same model afterwards (no inference tensors).
     assert not any(p.is_inference() for p in model.parameters())
-    paths = PathGradients(model, x[:4], y[:4])
+    paths = PathGradients(model, x[:4], test.labels[:4])
     assert paths.gradient([True] * len(paths)).shape == (4, *paths.inputs[0].shape[1:])
 
 

@@ -26,8 +26,8 @@ from . import ExperimentConfig
 
 # The recipe of each scale: He et al.'s SGD recipe (momentum 0.9, wd 1e-4, lr ÷10 at 50%/75%).
 # demo: digits, 15 epochs at lr 0.02 (the `reslab demo` budget: 0.1 is too large to start 56
-# layers on 1,437 images); small: a 5k-image CIFAR subset for 15 epochs (ResNet-56 takes about
-# 4 minutes on 2 CPU cores, so `degradation` at depths 20-56 fits in ~25 minutes), with the
+# layers on 1,437 images); small: a 5k-image CIFAR subset for 15 epochs (ResNet-56 took 187 s
+# on 2 CPU cores and `degradation` at depths 20-56 893 s; far from converged), with the
 # paper's lr-0.01 warm-up for 110 layers (without it ResNet-110 diverged in its first epoch at
 # lr 0.1 and stayed at chance); paper: the paper's 64k-iteration recipe. The fast path (bf16
 # autocast, channels_last) halves CPU time.

@@ -32,14 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import DatasetBundle, normalize
+from ..data import DatasetBundle, InMemoryDataset, normalize
 from ..models import create_model, list_models
 from ..models.resnet import ResidualUnit
 from . import ExperimentConfig, ExperimentResult
 from .report import save_figure
 from .common import Trained, dataset, train_cached
 from .responses import is_downsampling
-from ..train.step import autocast
+from ..train import evaluate_model
 
 # small studies the ResNet-56 / plain-56 that `degradation` trains at that scale (cached, so no
 # extra training; the 110-layer pair would add ~10 minutes of training on 2 CPU cores and each
@@ -222,28 +222,19 @@ def lesioned(model: nn.Module, deleted: Sequence[int]) -> Iterator[nn.Module]:
             u.lesioned = False
 
 
-@torch.inference_mode()
-def error_rate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-               batch_size: int = 512, *, precision: str = "fp32",
-               channels_last: bool = False) -> float:
-    """Top-1 error (fraction) of `model` in eval mode on normalised `images`, batched.
+def error_rate(model: nn.Module, test: InMemoryDataset, mean: Sequence[float],
+               std: Sequence[float], *, precision: str = "fp32", channels_last: bool = False,
+               batch_size: int = 512) -> float:
+    """Top-1 error (fraction) of `model` in eval mode on the uint8 `test` set.
 
-    `precision`/`channels_last` as the training's own test evaluation ran (bf16 autocast and
-    NHWC make the hundreds of lesioned evaluations 3-4x faster on a CPU with AVX-512 bf16).
-    The caller puts the model in channels-last layout: done in here, under inference mode, it
-    would turn the weights into inference tensors that autograd can no longer use.
+    It is the training loop's own test evaluation (`evaluate_model`, same batches, precision and
+    layout, same top-1 rule), so deleting no unit reproduces the error the training reported to
+    the last digit, in bf16 too, where logits tie more often and argmax and top-k may break a tie
+    differently. `precision="bf16"` with a channels-last model makes the hundreds of lesioned
+    evaluations 3-4x faster on a CPU with AVX-512 bf16.
     """
-    model.eval()
-    device_type = images.device.type
-    wrong = 0
-    for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size]
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(precision, device_type):
-            logits = model(x)
-        wrong += int((logits.argmax(1) != labels[start:start + batch_size]).sum())
-    return wrong / len(images)
+    return evaluate_model(model, test, mean=mean, std=std, batch_size=batch_size,
+                          precision=precision, channels_last=channels_last).top1_error
 
 
 def random_deletions(n: int, max_deleted: int, trials: int, seed: int = 0) -> list[list[list[int]]]:
@@ -293,16 +284,13 @@ def run(cfg: ExperimentConfig) -> ExperimentResult:
     if twin:
         nets["plain"] = train_cached(cfg, twin, seed=seed)
     bundle = dataset(nets["resnet"].config)
-    device = next(nets["resnet"].model.parameters()).device
-    x_test = normalize(bundle.test.images.to(device), bundle.mean, bundle.std)
-    y_test = bundle.test.labels.to(device)
     chance = 100 * (1 - 1 / nets["resnet"].config.num_classes)
     resnet = nets["resnet"].model
     down = [is_downsampling(u) for u in resnet.units()]
     stage_of = [s for s in range(1, resnet.num_stages + 1) for _ in getattr(resnet, f"layer{s}")]
     subsets = random_deletions(n, max_deleted, trials)
 
-    rows, k_rows, full = _deletion_tables(nets, x_test, y_test, subsets, stage_of, down)
+    rows, k_rows, full = _deletion_tables(nets, bundle, subsets, stage_of, down)
     path_rows = path_table(resnet, bundle, samples)
 
     figures = [_plot_single(rows, full, chance, name, twin, cfg),
@@ -324,7 +312,7 @@ def run(cfg: ExperimentConfig) -> ExperimentResult:
             "figures only; see paper-numbers.md, section E."),
         notes=[
             f"{name} and {twin or '(no plain twin)'} as trained by `degradation` (seed {seed}, "
-            f"the scale's recipe on {config.data}); errors on its {len(x_test)} test images, "
+            f"the scale's recipe on {config.data}); errors on its {len(bundle.test)} test images, "
             f"eval mode, {config.precision}"
             f"{', channels-last' if config.channels_last else ''} as in training's own test "
             "evaluation. 'Deleting' unit i sets y_i = s(y_{i−1}) (residual branch removed, "
@@ -351,7 +339,7 @@ def run(cfg: ExperimentConfig) -> ExperimentResult:
     )
 
 
-def _deletion_tables(nets: dict[str, Trained], x: torch.Tensor, y: torch.Tensor,
+def _deletion_tables(nets: dict[str, Trained], bundle: DatasetBundle,
                      subsets: list[list[list[int]]], stage_of: list[int], down: list[bool]
                      ) -> tuple[list[dict], list[dict], dict[str, float]]:
     """(a) one unit at a time and (b) k random units, the same unit sets for every network:
@@ -364,7 +352,8 @@ def _deletion_tables(nets: dict[str, Trained], x: torch.Tensor, y: torch.Tensor,
 
         def error(deleted: Sequence[int]) -> float:
             with lesioned(model, deleted):
-                return 100 * error_rate(model, x, y, precision=t.config.precision,
+                return 100 * error_rate(model, bundle.test, bundle.mean, bundle.std,
+                                        precision=t.config.precision,
                                         channels_last=t.config.channels_last)
 
         full[family] = error([])
