@@ -120,6 +120,15 @@ def train_cached(cfg: ExperimentConfig, model: str, *, seed: int = 0,
 _NOT_IN_KEY = frozenset({"progress", "out", "device", "threads", "workers", "tensorboard"})
 
 
+def _settings(config: TrainConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config's settings that change the model, their defaults), both as they read in JSON."""
+    def as_json(c: TrainConfig) -> dict[str, Any]:
+        d = json.loads(json.dumps(c.to_dict(), default=str))
+        return {k: v for k, v in d.items() if k not in _NOT_IN_KEY}
+
+    return as_json(config), as_json(TrainConfig(model=config.model))
+
+
 def _key(config: TrainConfig) -> str:
     """The cache folder's name: the model, the seed and a digest of the settings that matter.
 
@@ -127,9 +136,9 @@ def _key(config: TrainConfig) -> str:
     setting (with a default that keeps the old behaviour) still finds the models trained before;
     `_same_settings` then checks the cached model's full settings before it is reused.
     """
-    defaults = TrainConfig(model=config.model).to_dict()
-    d = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_KEY and v != defaults[k]}
-    digest = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    current, defaults = _settings(config)
+    d = {k: v for k, v in current.items() if v != defaults[k]}
+    digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
     return f"{config.model}-s{config.seed}-{digest}"
 
 
@@ -139,14 +148,8 @@ def _same_settings(cached: dict[str, Any], config: TrainConfig) -> bool:
     A setting the cache does not record (added to reslab later) must be at its default; any
     recorded one must match (a changed default therefore retrains instead of reusing).
     """
-    current = json.loads(json.dumps(config.to_dict(), default=str))
-    defaults = json.loads(json.dumps(TrainConfig(model=config.model).to_dict(), default=str))
-    for k, v in current.items():
-        if k in _NOT_IN_KEY:
-            continue
-        if (cached[k] if k in cached else defaults[k]) != v:
-            return False
-    return True
+    current, defaults = _settings(config)
+    return all(cached.get(k, defaults[k]) == v for k, v in current.items())
 
 
 def seeds(cfg: ExperimentConfig) -> range:
