@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from reslab.train.config import COMPILE_MODES
+
 HELP = "measure training/inference speed against a plain PyTorch baseline and the matmul peak"
 
 
@@ -17,6 +19,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--no-fold-bn", dest="fold_bn", action="store_false", help="(infer) keep BN")
     p.add_argument("--compile", action="store_true", help="torch.compile the reslab model")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="(train) torch.compile mode; reduce-overhead replays CUDA graphs on a GPU")
     p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
                    help="(infer) run reslab's model with PyTorch or ONNX Runtime")
     p.add_argument("--image-size", type=int, default=None, help="input side (default: native)")
@@ -56,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
                   warmup=args.warmup, repeats=args.repeats, iters=args.iters,
                   peak_n=args.peak_size)
     if args.mode == "train":
-        result = bench_train(args.model or "resnet20", batch=args.batch or 128, **common)
+        result = bench_train(args.model or "resnet20", batch=args.batch or 128,
+                             compile_mode=args.compile_mode, **common)
     else:
         model, in_chans = args.model, 3
         if args.checkpoint:

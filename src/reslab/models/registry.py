@@ -149,4 +149,4 @@ def _natural_key(name: str) -> tuple:
 
 def _ensure_loaded() -> None:
     # The family modules register themselves on import.
-    from . import densenet, highway, resnet  # noqa: F401
+    from . import densenet, highway, resnet, resnet9  # noqa: F401

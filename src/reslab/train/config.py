@@ -20,6 +20,8 @@ SCHEDULES = ("step", "cosine", "onecycle", "constant")
 MILESTONE_UNITS = ("fraction", "epoch", "step")
 ERROR_WARMUP = ("off", "on", "auto")
 PROGRESS = ("auto", "bar", "plain", "none")
+# torch.compile's modes; reduce-overhead replays the step's kernels as CUDA graphs on a GPU.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # He et al. 2015, Sec. 4.2: ResNet-110 needs the lr-0.01 warm-up; shallower nets start at 0.1.
 ERROR_WARMUP_MIN_DEPTH = 110
 # Settings that change how a run executes but not what it computes, so `--resume` may change
@@ -100,6 +102,8 @@ class TrainConfig:
     precision: str = _f("autocast precision", default="fp32", choices=PRECISIONS)
     channels_last: bool = _f("NHWC memory layout", default=False)
     compile: bool = _f("torch.compile the training step", default=False)
+    compile_mode: str = _f("torch.compile mode (reduce-overhead: CUDA graphs on a GPU)",
+                           default="default", choices=COMPILE_MODES)
     device: str = _f("cpu, cuda, cuda:1, ... or auto", default="auto")
     threads: int | None = _f("CPU threads (default: torch's)", default=None, minimum=1)
     seed: int = _f("seed of weights, data order and augmentation", default=0, minimum=0)
@@ -119,6 +123,9 @@ class TrainConfig:
     out: str | None = _f("run folder (default: runs/MODEL-DATA-TIME)", default=None)
     eval_every: int = _f("evaluate every N epochs (and after the last)", default=1, minimum=1)
     eval_batch_size: int = _f("evaluation batch size", default=512, minimum=1)
+    eval_tta: str = _f("test-time augmentation of the evaluations: none, flip (mean probability "
+                       "of the image and its mirror), 10crop", default="none",
+                       choices=("none", "flip", "10crop"))
     tensorboard: bool = _f("write TensorBoard events", default=False)
     progress: str = _f("progress display (auto: a bar on a terminal, lines otherwise)",
                        default="auto", choices=PROGRESS)

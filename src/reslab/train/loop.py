@@ -372,13 +372,17 @@ class _Run:
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
         self.train_step = make_train_step(
             model, self.optimizer, precision=config.precision, channels_last=config.channels_last,
-            compile=config.compile, label_smoothing=config.label_smoothing,
+            compile=config.compile, compile_mode=config.compile_mode, label_smoothing=config.label_smoothing,
             grad_clip=config.grad_clip, scaler=self.scaler,
         )
         self.ema = EMA(model, config.ema_decay) if config.ema_decay is not None else None
         self.augment = AugmentSpec(pad=config.pad, flip=config.flip, cutout=config.cutout)
-        self.aug_gen = torch.Generator().manual_seed(self.seed("augment"))
         self.train_set = data.train.to(self.device) if isinstance(data.train, InMemoryDataset) else data.train
+        # The augmentation draws on the device the batches live on: a CPU generator driving GPU
+        # batches would copy its draws to the GPU every step, and each such copy from pageable
+        # memory waits for the GPU to finish everything queued before it.
+        gen_device = self.train_set.device if isinstance(self.train_set, InMemoryDataset) else "cpu"
+        self.aug_gen = torch.Generator(device=gen_device).manual_seed(self.seed("augment"))
         per_rank = math.ceil(len(data.train) / dist.world_size)
         # A last batch smaller than batch_size is dropped (noisy BN statistics, a different
         # effective step), unless the whole split is smaller than one batch.
@@ -509,7 +513,8 @@ class _Run:
                 self.dist.broadcast_buffers(self.ema.module)
             test = evaluate_model(self.eval_model, self.data.test, mean=self.data.mean, std=self.data.std,
                                   batch_size=cfg.eval_batch_size, precision=cfg.precision,
-                                  channels_last=cfg.channels_last, workers=cfg.workers, dist=self.dist)
+                                  channels_last=cfg.channels_last, workers=cfg.workers, dist=self.dist,
+                                  tta=cfg.eval_tta, pad=cfg.pad or 0)
         metrics = EpochMetrics(
             epoch=st.epoch + 1, step=st.step, train_loss=loss_sum / n, train_error=1 - correct / n,
             test_loss=test.loss if test else None,
@@ -594,7 +599,14 @@ class _Run:
                                  f"{self.dist.world_size}; resume it with {written_by}")
             rng, sums = saved["ranks"][self.dist.rank]["rng"], saved["ranks"][self.dist.rank]["sums"]
         torch.set_rng_state(rng["torch"])
-        self.aug_gen.set_state(rng["augment"])
+        try:
+            self.aug_gen.set_state(rng["augment"])
+        except RuntimeError:
+            # Resumed on another kind of device (the CPU and CUDA generators keep different
+            # states): a fresh augmentation stream for the rest of the run, seeded by the step.
+            self.aug_gen.manual_seed(self.seed("augment", saved["step"]))
+            self.reporter.message("the augmentation random stream restarts: the run was "
+                                  "checkpointed on another kind of device")
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         st = self.state

@@ -69,6 +69,7 @@ def make_train_step(
     precision: str = "fp32",
     channels_last: bool = False,
     compile: bool = False,
+    compile_mode: str = "default",
     label_smoothing: float = 0.0,
     grad_clip: float | None = None,
     scaler: torch.amp.GradScaler | None = None,
@@ -83,7 +84,10 @@ def make_train_step(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     device_type = next(model.parameters()).device.type
-    forward = torch.compile(model) if compile else model
+    # Static shapes (the loop drops a short last batch), so no dynamic-shape recompiles; with
+    # mode="reduce-overhead" the forward and backward replay as CUDA graphs, which is safe here
+    # because the step reads its outputs (loss, argmax) before the next replay overwrites them.
+    forward = torch.compile(model, mode=compile_mode, dynamic=False) if compile else model
     if precision == "fp16" and scaler is None:
         raise ValueError("fp16 training needs a GradScaler (pass scaler=torch.amp.GradScaler())")
 
