@@ -60,3 +60,12 @@ def test_synthetic_data_of_any_shape(tmp_path):
                                   batch_size=32, epochs=1, progress="none")
     result = train(cfg)
     assert (result.config.in_chans, result.config.num_classes, result.steps) == (2, 3, 2)
+
+
+def test_training_refuses_a_10crop_evaluation_of_a_folder_dataset(folder, tmp_path):
+    # Its test images are already cropped to the model's size: the 10 "crops" would be the image
+    # and its mirror five times over. `reslab eval --tta 10crop` is the way (tested above).
+    with pytest.raises(ValueError, match=r"--eval-tta 10crop during training needs an in-memory "
+                                         r"dataset .*not 'folder'.*reslab eval RUN --tta 10crop"):
+        train(folder_config(folder, tmp_path / "run", eval_tta="10crop"))
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -275,6 +275,13 @@ def resolve_config(config: TrainConfig, data: DatasetBundle) -> TrainConfig:
     """Fill every "follow the dataset / recipe / machine" setting with its value (idempotent)."""
     from ..models import model_info
 
+    if config.eval_tta == "10crop" and not data.in_memory:
+        # A folder dataset's test images are already cropped to the model's size; its 10 crops
+        # come from the full-size images, which only `reslab eval` loads.
+        raise ValueError(
+            f"--eval-tta 10crop during training needs an in-memory dataset (digits, cifar10, "
+            f"cifar100, synthetic), not {data.name!r}; train with --eval-tta none or flip and "
+            "evaluate the run afterwards with `reslab eval RUN --tta 10crop`")
     warmup = config.error_warmup
     if warmup == "auto":
         warmup = "on" if model_info(config.model).depth >= ERROR_WARMUP_MIN_DEPTH else "off"
