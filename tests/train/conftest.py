@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from reslab.train import TrainConfig
+from reslab.train import Callback, StopTraining, TrainConfig
 
 
 def tiny_config(**overrides) -> TrainConfig:
@@ -18,3 +18,19 @@ def tiny_config(**overrides) -> TrainConfig:
 @pytest.fixture(scope="session")
 def tiny():
     return tiny_config
+
+
+class StopAtStep(Callback):
+    """Interrupts a run (as Ctrl-C would, but cleanly) once it has finished step `step`."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, state) -> None:
+        if state.step == self.step:
+            raise StopTraining
+
+
+@pytest.fixture(scope="session")
+def stop_at_step():
+    return StopAtStep

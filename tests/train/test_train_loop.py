@@ -13,15 +13,6 @@ from reslab.train import (Callback, StopTraining, TrainingDiverged, build_model,
 from reslab.train.runs import EpochMetrics
 
 
-class StopAtStep(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, state) -> None:
-        if state.step == self.step:
-            raise StopTraining
-
-
 def weights(run_dir):
     return load_state_dict_file(run_dir / "checkpoints" / "last.safetensors")
 
@@ -52,12 +43,12 @@ def test_a_second_train_into_the_same_folder_is_refused(tmp_path, tiny):
         train(tiny(out=str(tmp_path), epochs=1))
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted_bitwise(tmp_path, tiny):
+def test_interrupted_and_resumed_run_equals_uninterrupted_bitwise(tmp_path, tiny, stop_at_step):
     # Stop mid-epoch (step 4 of 3-step epochs) with EMA, cutout and label smoothing on, so the
     # optimizer, EMA, augmentation generator and partial epoch sums all have to be restored.
     cfg = dict(ema_decay=0.9, cutout=3, label_smoothing=0.1, recipe="fast", precision="fp32")
     full = train(tiny(out=str(tmp_path / "a"), **cfg))
-    part = train(tiny(out=str(tmp_path / "b"), **cfg), callbacks=[StopAtStep(4)])
+    part = train(tiny(out=str(tmp_path / "b"), **cfg), callbacks=[stop_at_step(4)])
     assert (part.status, part.steps, part.epochs) == ("stopped", 4, 1)
     rest = resume(tmp_path / "b")
     assert (rest.status, rest.steps) == ("completed", 9)

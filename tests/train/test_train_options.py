@@ -13,8 +13,8 @@ from torch import nn
 import reslab.train.loop as loop
 import reslab.train.step as step_module
 from reslab.cli import build_parser, main
-from reslab.train import (Callback, StopTraining, TrainConfig, build_model, fit, load_data,
-                          make_optimizer, make_train_step, resolve_config, resume, train)
+from reslab.train import (TrainConfig, build_model, fit, load_data, make_optimizer,
+                          make_train_step, resolve_config, resume, train)
 from reslab.train.config import COMPILE_MODES
 from reslab.train.evaluate import evaluate_model
 from reslab.train.progress import Reporter
@@ -56,15 +56,6 @@ class Messages(Reporter):
 
     def message(self, text: str) -> None:
         self.messages.append(text)
-
-
-class StopAtStep(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, state) -> None:
-        if state.step == self.step:
-            raise StopTraining
 
 
 @pytest.fixture
@@ -194,8 +185,9 @@ def test_cpu_generator_refuses_a_cuda_generator_state():
 
 
 def test_resume_of_a_checkpoint_with_another_devices_augment_state_reseeds(tmp_path, tiny,
-                                                                           augment_generators):
-    stopped = train(tiny(out=str(tmp_path / "a"), cutout=3), callbacks=[StopAtStep(4)])
+                                                                           augment_generators,
+                                                                           stop_at_step):
+    stopped = train(tiny(out=str(tmp_path / "a"), cutout=3), callbacks=[stop_at_step(4)])
     assert (stopped.status, stopped.steps) == ("stopped", 4)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     state_file = tmp_path / "b" / "checkpoints" / "last.state.pt"
