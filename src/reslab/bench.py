@@ -331,7 +331,7 @@ def bench_train(name: str = "resnet20", *, batch: int = 128, precision: str = "b
                 warmup: int = 2, repeats: int = 5,
                 iters: int = 3, peak_n: int | None = None) -> BenchResult:
     """Training images/s (forward, backward, SGD step) of reslab's step against the baseline's."""
-    from .train.step import make_train_step
+    from .train.step import fast_sgd_kwargs, make_train_step
 
     torch.manual_seed(0)
     model = create_model(name, in_chans=in_chans).to(device)
@@ -348,7 +348,7 @@ def bench_train(name: str = "resnet20", *, batch: int = 128, precision: str = "b
         base_opt.step()
 
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4,
-                          **_fast_sgd_kwargs(device))
+                          **fast_sgd_kwargs(device))
     step = make_train_step(model, opt, precision=precision, channels_last=channels_last,
                            compile=compile, compile_mode=compile_mode)
     xf = x.to(memory_format=torch.channels_last) if channels_last else x
@@ -365,9 +365,3 @@ def bench_train(name: str = "resnet20", *, batch: int = 128, precision: str = "b
         macs, m["baseline"], m["reslab"], m["reslab"].images_per_sec / m["baseline"].images_per_sec,
         peaks, achieved, achieved / peak, {},
     )
-
-
-def _fast_sgd_kwargs(device: str) -> dict:
-    # As make_optimizer: one fused kernel on a GPU; foreach (a few multi-tensor ops) on a CPU,
-    # where the fused kernel measured no faster.
-    return {"fused": True} if torch.device(device).type == "cuda" else {"foreach": True}

@@ -54,12 +54,16 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
     else:
         groups = [{"params": params, "weight_decay": config.weight_decay}]
     device = params[0].device if params else torch.device("cpu")
-    # fused: one kernel for all parameters on the GPU; foreach: a few multi-tensor ops on the CPU.
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.SGD(
         groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
-        dampening=0.0, **fast,
+        dampening=0.0, **fast_sgd_kwargs(device),
     )
+
+
+def fast_sgd_kwargs(device: torch.device | str) -> dict:
+    """SGD's fastest implementation on `device`: one fused kernel for all parameters on a GPU;
+    foreach (a few multi-tensor ops) on a CPU, where the fused kernel measured no faster."""
+    return {"fused": True} if torch.device(device).type == "cuda" else {"foreach": True}
 
 
 def make_train_step(
