@@ -6,7 +6,8 @@ Every run measures three things in the same process, so the ratios are side by s
    torchvision-style code), run eager in fp32 and NCHW; it loads the very weights of the reslab
    model (the module names are the same), and the two are checked to compute the same function;
 2. **reslab**: the model through its fast path (channels_last, bf16, BN folding, compile,
-   fused optimizer for training, or ONNX Runtime for inference);
+   reslab's fused BN-ReLU kernel and the multi-tensor optimizer for training, or ONNX Runtime
+   for inference);
 3. the machine's **peak**: the FLOP/s of a large matmul in fp32 and bf16.
 
 Baseline and reslab repeats are interleaved (A B A B ...) so that drifting machine load hits both.
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .models import complexity, create_model, model_info
 
 # ---------------------------------------------------------------------------------------------
@@ -327,6 +329,7 @@ def bench_infer(name: str = "resnet50", *, batch: int = 16, precision: str = "bf
 
 def bench_train(name: str = "resnet20", *, batch: int = 128, precision: str = "bf16",
                 channels_last: bool = True, compile: bool = False, compile_mode: str = "default",
+                fused_kernels: bool = True,
                 image_size: int | None = None, in_chans: int = 3, device: str = "cpu",
                 warmup: int = 2, repeats: int = 5,
                 iters: int = 3, peak_n: int | None = None) -> BenchResult:
@@ -350,7 +353,7 @@ def bench_train(name: str = "resnet20", *, batch: int = 128, precision: str = "b
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4,
                           **fast_sgd_kwargs(device))
     step = make_train_step(model, opt, precision=precision, channels_last=channels_last,
-                           compile=compile, compile_mode=compile_mode)
+                           compile=compile, compile_mode=compile_mode, fused_kernels=fused_kernels)
     xf = x.to(memory_format=torch.channels_last) if channels_last else x
     m = _interleaved({"baseline": baseline_step, "reslab": lambda: step(xf, y)}, batch,
                      warmup=warmup, repeats=repeats, iters=iters, device=device)
@@ -361,7 +364,9 @@ def bench_train(name: str = "resnet20", *, batch: int = 128, precision: str = "b
     return BenchResult(
         "train", name, batch, size, device,
         dict(precision=precision, channels_last=channels_last, compile=compile,
-             compile_mode=compile_mode if compile else None, threads=torch.get_num_threads()),
+             compile_mode=compile_mode if compile else None,
+             fused_kernels=fused_kernels and device == "cpu" and kernels.available(),
+             threads=torch.get_num_threads()),
         macs, m["baseline"], m["reslab"], m["reslab"].images_per_sec / m["baseline"].images_per_sec,
         peaks, achieved, achieved / peak, {},
     )

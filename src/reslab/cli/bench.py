@@ -19,6 +19,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--no-fold-bn", dest="fold_bn", action="store_false", help="(infer) keep BN")
     p.add_argument("--compile", action="store_true", help="torch.compile the reslab model")
+    p.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
+                   help="(train) BN and ReLU as separate PyTorch ops instead of reslab's fused CPU kernel")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                    help="(train) torch.compile mode; reduce-overhead replays CUDA graphs on a GPU")
     p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
@@ -61,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
                   peak_n=args.peak_size)
     if args.mode == "train":
         result = bench_train(args.model or "resnet20", batch=args.batch or 128,
-                             compile_mode=args.compile_mode, **common)
+                             compile_mode=args.compile_mode, fused_kernels=args.fused_kernels,
+                             **common)
     else:
         model, in_chans = args.model, 3
         if args.checkpoint:

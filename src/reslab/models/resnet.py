@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels import bn_relu
 from .layers import DropPath, ZeroPadShortcut, check_input, conv1x1, conv3x3, he_init
 from .registry import register_model
 
@@ -64,6 +65,9 @@ class ResidualUnit(nn.Module):
     """
 
     expansion = 1
+    # BN-ReLU (and the original unit's BN-add-ReLU) through reslab.kernels when training on a CPU;
+    # switched by reslab.kernels.set_fused_bn_relu.
+    fused_bn_relu = False
 
     def __init__(
         self,
@@ -147,11 +151,16 @@ class ResidualUnit(nn.Module):
             return getattr(self, f"conv{self.depth}")
         return getattr(self, f"bn{self.depth}")
 
-    def residual(self, x: torch.Tensor, preactivated: bool = False) -> torch.Tensor:
+    def _bn_relu(self, bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return bn_relu(bn, x) if self.fused_bn_relu else self.relu(bn(x))
+
+    def residual(self, x: torch.Tensor, preactivated: bool = False,
+                 last_bn: bool = True) -> torch.Tensor:
         """F(x): the residual branch alone, in the unit's layer order.
 
         ``preactivated``: x already went through this unit's first BN-ReLU (full pre-activation
-        with a projection shortcut, where both paths share it).
+        with a projection shortcut, where both paths share it). ``last_bn=False`` (original unit)
+        stops at the last conv, for the fused BN-add-ReLU.
         """
         unit = self.unit
         for i in range(1, self.depth + 1):
@@ -160,23 +169,34 @@ class ResidualUnit(nn.Module):
             last = i == self.depth
             if unit == "full_preact":  # BN-ReLU-conv
                 if bn is not None and not (i == 1 and preactivated):
-                    x = self.relu(bn(x))
+                    x = self._bn_relu(bn, x)
                 x = conv(x)
             elif unit == "relu_preact":  # ReLU-conv-BN; the input's ReLU must not touch x in place
                 x = bn(conv(torch.relu(x) if i == 1 else self.relu(x)))
             else:  # conv-BN-ReLU; the last BN/ReLU depend on the unit
                 x = conv(x)
-                if not (last and unit == "bn_after_add"):
-                    x = bn(x)
                 if not last or unit == "relu_before_add":
-                    x = self.relu(x)
+                    x = self._bn_relu(bn, x)
+                elif unit != "bn_after_add" and last_bn:
+                    x = bn(x)
         return x
 
+    def _fuse_tail(self) -> bool:
+        """Whether y = relu(BN(conv(…)) + x) can run as one fused kernel: the original unit with a
+        plain identity-variant shortcut and nothing (hook, drop-path, lesion) between BN and add."""
+        return (self.fused_bn_relu and self.training and self.unit == "original"
+                and self.variant == "identity" and self.has_shortcut and not self.lesioned
+                and isinstance(self.drop_path, nn.Identity)
+                and not self.residual_out._forward_hooks and not self.residual_out._forward_pre_hooks)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fuse_tail():
+            s = x if self.downsample is None else self.downsample(x)
+            return bn_relu(getattr(self, f"bn{self.depth}"), self.residual(x, last_bn=False), s)
         shared = self.unit == "full_preact" and isinstance(self.downsample, nn.Conv2d)
         if shared:
             # Both paths see BN-ReLU(x) (He et al. 2016 appendix; fb.resnet.torch 'both_preact').
-            x = self.relu(self.bn1(x)) if hasattr(self, "bn1") else x
+            x = self._bn_relu(self.bn1, x) if hasattr(self, "bn1") else x
         f = None
         if not self.lesioned:
             f = self.drop_path(self.residual_out(self.residual(x, preactivated=shared)))
@@ -232,6 +252,8 @@ BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 class ResNet(nn.Module):
     """Residual network (or its plain twin) for ImageNet-size or CIFAR-size images."""
+
+    fused_bn_relu = False  # the stem's and the final BN-ReLU; see ResidualUnit.fused_bn_relu
 
     def __init__(
         self,
@@ -338,7 +360,7 @@ class ResNet(nn.Module):
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)
         if hasattr(self, "bn1"):
-            x = self.relu(self.bn1(x))
+            x = bn_relu(self.bn1, x) if self.fused_bn_relu else self.relu(self.bn1(x))
         if hasattr(self, "maxpool"):
             x = self.maxpool(x)
         return x
@@ -355,7 +377,8 @@ class ResNet(nn.Module):
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "final_bn"):
-            x = self.final_relu(self.final_bn(x))
+            x = (bn_relu(self.final_bn, x) if self.fused_bn_relu
+                 else self.final_relu(self.final_bn(x)))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,18 +18,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels import bn_relu
 from .registry import register_model
 
 PAGE = "Page 2018, DAWNBench ResNet-9 (myrtle.ai, 'How to train your ResNet')"
 
 
-def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
-    """3×3 conv (no bias: BN follows) → BN → ReLU."""
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-        nn.BatchNorm2d(c_out),
-        nn.ReLU(inplace=True),
-    )
+class ConvBN(nn.Sequential):
+    """3×3 conv (no bias: BN follows) → BN → ReLU, as a Sequential (its weights are ``0.*``, ``1.*``).
+
+    With ``fused_bn_relu`` set (reslab.kernels.set_fused_bn_relu) BN and ReLU run as one kernel
+    while training on a CPU.
+    """
+
+    fused_bn_relu = False
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                         nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, bn, relu = self
+        return bn_relu(bn, conv(x)) if self.fused_bn_relu else relu(bn(conv(x)))
 
 
 class Residual(nn.Module):
@@ -37,8 +47,8 @@ class Residual(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv1 = conv_bn(channels, channels)
-        self.conv2 = conv_bn(channels, channels)
+        self.conv1 = ConvBN(channels, channels)
+        self.conv2 = ConvBN(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.conv2(self.conv1(x))
@@ -48,7 +58,7 @@ class Stage(nn.Sequential):
     """conv-BN-ReLU to the new width, 2×2 max-pool, then an optional residual unit."""
 
     def __init__(self, c_in: int, c_out: int, residual: bool) -> None:
-        layers = [conv_bn(c_in, c_out), nn.MaxPool2d(2)]
+        layers = [ConvBN(c_in, c_out), nn.MaxPool2d(2)]
         if residual:
             layers.append(Residual(c_out))
         super().__init__(*layers)
@@ -67,7 +77,7 @@ class ResNet9(nn.Module):
         self.min_input_size = 8  # three 2× poolings
         self.num_stages = 3
         self.logit_scale = logit_scale
-        self.stem = conv_bn(in_chans, widths[0])
+        self.stem = ConvBN(in_chans, widths[0])
         self.layer1 = Stage(widths[0], widths[1], residual[0])
         self.layer2 = Stage(widths[1], widths[2], residual[1])
         self.layer3 = Stage(widths[2], widths[3], residual[2])

@@ -104,6 +104,8 @@ class TrainConfig:
     compile: bool = _f("torch.compile the training step", default=False)
     compile_mode: str = _f("torch.compile mode (reduce-overhead: CUDA graphs on a GPU)",
                            default="default", choices=COMPILE_MODES)
+    fused_kernels: bool = _f("on a CPU, run BN-ReLU and BN-add-ReLU as reslab's fused kernel "
+                             "(compiled on first use; needs a C++ compiler and ninja)", default=False)
     device: str = _f("cpu, cuda, cuda:1, ... or auto", default="auto")
     threads: int | None = _f("CPU threads (default: torch's)", default=None, minimum=1)
     seed: int = _f("seed of weights, data order and augmentation", default=0, minimum=0)
@@ -269,11 +271,12 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             "fast",
             "time to accuracy on a small CPU: one-cycle lr (peak 0.2 at 25%), Nesterov, label "
-            "smoothing 0.1, no wd on BN/bias, batch 256, bf16 autocast, channels-last, few epochs",
+            "smoothing 0.1, no wd on BN/bias, batch 256, bf16 autocast, channels-last, fused BN-ReLU "
+            "kernel, few epochs",
             {"batch_size": 256, "lr": 0.2, "momentum": 0.9, "nesterov": True,
              "weight_decay": 5e-4, "decay_bn_bias": False, "label_smoothing": 0.1,
              "schedule": "onecycle", "onecycle_peak": 0.25, "precision": "bf16",
-             "channels_last": True},
+             "channels_last": True, "fused_kernels": True},
             {"digits": 15, "synthetic": 3, "cifar10": 15, "cifar100": 20, "folder": 16, "*": 15},
         ),
     )

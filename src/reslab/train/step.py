@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Callable, ContextManager
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..checkpoint import _unwrap
 from .config import TrainConfig
 
@@ -74,6 +76,7 @@ def make_train_step(
     channels_last: bool = False,
     compile: bool = False,
     compile_mode: str = "default",
+    fused_kernels: bool = False,
     label_smoothing: float = 0.0,
     grad_clip: float | None = None,
     scaler: torch.amp.GradScaler | None = None,
@@ -81,13 +84,22 @@ def make_train_step(
     """A function (x, y) -> StepOutput doing forward, backward and the optimizer step.
 
     `x` is the normalised float batch (channels-last already when `channels_last`), `y` int64
-    labels. The model is put in channels-last layout here when asked. The loss is computed in
+    labels. The model is put in channels-last layout here when asked, and switched to reslab's
+    fused BN-ReLU kernel with `fused_kernels` on a CPU (a warning says why if it cannot be
+    compiled here; training then runs the standard modules). The loss is computed in
     fp32 from the (possibly bf16/fp16) logits. Gradients stay in ``.grad`` after the step, so a
     callback may read them; they are cleared at the start of the next step.
     """
     if channels_last:
         model.to(memory_format=torch.channels_last)
     device_type = next(model.parameters()).device.type
+    fuse = fused_kernels and device_type == "cpu"
+    if fuse and not kernels.available():
+        warnings.warn(f"reslab's fused BN-ReLU kernel is not available ({kernels.unavailable_reason()}); "
+                      "training with the standard modules. Install a C++ compiler and ninja "
+                      "(pip install ninja) to use it.", stacklevel=2)
+        fuse = False
+    kernels.set_fused_bn_relu(model, fuse)
     # Static shapes (the loop drops a short last batch), so no dynamic-shape recompiles; with
     # mode="reduce-overhead" the forward and backward replay as CUDA graphs, which is safe here
     # because the step reads its outputs (loss, argmax) before the next replay overwrites them.
