@@ -123,3 +123,14 @@ def test_custom_widths_build_a_narrower_net():
     assert [sum(isinstance(u, Residual) for u in layer) for layer in (m.layer1, m.layer2, m.layer3)] == [0, 1, 0]
     with torch.no_grad():
         assert m.eval()(torch.randn(1, 3, 16, 16)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("shape, hint", [
+    ((2, 3, 4, 4), "Resize or pad the images"),
+    ((2, 1, 32, 32), "Create the model with in_chans=1"),
+    ((3, 32, 32), "Resize or pad the images"),
+])
+def test_inputs_it_cannot_take_are_refused_with_the_shape_it_expects(shape, hint):
+    with pytest.raises(ValueError, match=r"ResNet9 expects input of shape \(N, 3, H, W\) with H, W >= 8") as e:
+        reslab.create_model("resnet9")(torch.randn(*shape))
+    assert hint in str(e.value)

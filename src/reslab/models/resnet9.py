@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..kernels import bn_relu
+from .layers import check_input
 from .registry import register_model
 
 PAGE = "Page 2018, DAWNBench ResNet-9 (myrtle.ai, 'How to train your ResNet')"
@@ -85,6 +86,7 @@ class ResNet9(nn.Module):
         self.fc = nn.Linear(widths[3], num_classes, bias=False)
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        check_input(x, self.in_chans, self.min_input_size, type(self).__name__)
         x = self.stem(x)
         out = []
         for layer in (self.layer1, self.layer2, self.layer3):
