@@ -136,14 +136,17 @@ void fold(const S* w, const S* b, const S* mean, const S* invstd, int64_t C, A* 
 constexpr int64_t kBlock = 64;   // rows summed in float before going to double
 constexpr int64_t kUnroll = 4;   // independent accumulators per channel group (hides add latency)
 
-// Per-channel sums over the rows of an (M, C) tensor of two quantities that
-// `body(lanes, i, c, a, b)` adds into accumulators a and b for the element at flat index i
-// (channels c .. c + lanes). The rows are cut into a fixed number of chunks whatever the thread
-// count, each summed on its own and the chunks added in order: the same bits on any number of
-// threads.
-template <typename T, typename Body>
+// Both drivers take `group(lanes, c)`, called once per group of channels c .. c + lanes, which
+// loads that group's per-channel constants and returns the per-element function: the constants
+// then stay in registers across the rows instead of being reloaded next to every element.
+
+// Per-channel sums over the rows of an (M, C) tensor of two quantities: the function `group`
+// returns, `f(i, a, b)`, adds the element at flat index i into accumulators a and b and only
+// reads memory. The rows are cut into a fixed number of chunks whatever the thread count, each
+// summed on its own and the chunks added in order: the same bits on any number of threads.
+template <typename T, typename Group>
 void reduce_rows(int64_t M, int64_t C, std::vector<double>& out_a, std::vector<double>& out_b,
-                 const Body& body) {
+                 const Group& group) {
   const int64_t nblocks = (M + kBlock - 1) / kBlock;
   const int64_t nchunks = std::min<int64_t>(nblocks, 64);
   std::vector<double> part_a(nchunks * C, 0.0), part_b(nchunks * C, 0.0);
@@ -159,12 +162,13 @@ void reduce_rows(int64_t M, int64_t C, std::vector<double>& out_a, std::vector<d
         for (int64_t r0 = rows0; r0 < rows1; r0 += kBlock) {
           const int64_t r1 = std::min(rows1, r0 + kBlock);
           for (int64_t c = cb; c < ce; c += V::lanes) {
+            const auto f = group(V{}, c);
             vec a[kUnroll], b[kUnroll];
             for (int u = 0; u < kUnroll; ++u) a[u] = b[u] = V::zero();
             int64_t r = r0;
             for (; r + kUnroll <= r1; r += kUnroll)
-              for (int u = 0; u < kUnroll; ++u) body(V{}, (r + u) * C + c, c, a[u], b[u]);
-            for (; r < r1; ++r) body(V{}, r * C + c, c, a[0], b[0]);
+              for (int u = 0; u < kUnroll; ++u) f((r + u) * C + c, a[u], b[u]);
+            for (; r < r1; ++r) f(r * C + c, a[0], b[0]);
             for (int u = 1; u < kUnroll; ++u) {
               a[0] = V::add(a[0], a[u]);
               b[0] = V::add(b[0], b[u]);
@@ -185,15 +189,21 @@ void reduce_rows(int64_t M, int64_t C, std::vector<double>& out_a, std::vector<d
     }
 }
 
-// Elementwise over an (M, C) tensor: `body(lanes, i, c)` does the loads, arithmetic and stores
-// for the element(s) at flat index i, channels c .. c + lanes.
-template <typename T, typename Body>
-void map_rows(int64_t M, int64_t C, const Body& body) {
-  at::parallel_for(0, M, 256, [&](int64_t r0, int64_t r1) {
+// Elementwise over an (M, C) tensor: the function `group` returns, `f(i)`, does the loads,
+// arithmetic and stores for the element(s) at flat index i. Rows go in blocks of kBlock so a
+// block stays in cache while the channel groups take turns on it.
+template <typename T, typename Group>
+void map_rows(int64_t M, int64_t C, const Group& group) {
+  at::parallel_for(0, M, 256, [&](int64_t rb, int64_t re) {
     by_lanes<T>(C, [&](auto lanes_tag, int64_t cb, int64_t ce) {
       using V = decltype(lanes_tag);
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t c = cb; c < ce; c += V::lanes) body(V{}, r * C + c, c);
+      for (int64_t r0 = rb; r0 < re; r0 += kBlock) {
+        const int64_t r1 = std::min(re, r0 + kBlock);
+        for (int64_t c = cb; c < ce; c += V::lanes) {
+          const auto f = group(V{}, c);
+          for (int64_t r = r0; r < r1; ++r) f(r * C + c);
+        }
+      }
     });
   });
 }
@@ -218,11 +228,14 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& weig
   for (int64_t c = 0; c < C; ++c) first[c] = Elem<T>::load(xp + c);
   const A* k = first.data();
   std::vector<double> s1, s2;
-  reduce_rows<T>(M, C, s1, s2, [=](auto v, int64_t i, int64_t c, auto& a, auto& b) {
+  reduce_rows<T>(M, C, s1, s2, [=](auto v, int64_t c) {
     using V = decltype(v);
-    const auto d = V::sub(V::load(xp + i), V::param(k + c));
-    a = V::add(a, d);
-    b = V::add(b, V::mul(d, d));
+    const auto kc = V::param(k + c);
+    return [=](int64_t i, auto& a, auto& b) {
+      const auto d = V::sub(V::load(xp + i), kc);
+      a = V::add(a, d);
+      b = V::add(b, V::mul(d, d));
+    };
   });
   auto opts = x.options().dtype(c10::CppTypeToScalarType<S>::value);
   at::Tensor mean = at::empty({C}, opts), invstd = at::empty({C}, opts);
@@ -244,16 +257,19 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& weig
   T* yp = y.data_ptr<T>();
   if (res) {
     const T* rp = res->data_ptr<T>();
-    map_rows<T>(M, C, [=](auto v, int64_t i, int64_t c) {
+    map_rows<T>(M, C, [=](auto v, int64_t c) {
       using V = decltype(v);
-      const auto u = V::add(V::mul(V::load(xp + i), V::param(scale + c)), V::param(shift + c));
-      V::store(yp + i, V::relu(V::add(u, V::load(rp + i))));
+      const auto sc = V::param(scale + c), sh = V::param(shift + c);
+      return [=](int64_t i) {
+        const auto u = V::add(V::mul(V::load(xp + i), sc), sh);
+        V::store(yp + i, V::relu(V::add(u, V::load(rp + i))));
+      };
     });
   } else {
-    map_rows<T>(M, C, [=](auto v, int64_t i, int64_t c) {
+    map_rows<T>(M, C, [=](auto v, int64_t c) {
       using V = decltype(v);
-      const auto u = V::add(V::mul(V::load(xp + i), V::param(scale + c)), V::param(shift + c));
-      V::store(yp + i, V::relu(u));
+      const auto sc = V::param(scale + c), sh = V::param(shift + c);
+      return [=](int64_t i) { V::store(yp + i, V::relu(V::add(V::mul(V::load(xp + i), sc), sh))); };
     });
   }
   return {y, mean, invstd, var};
@@ -291,19 +307,22 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& g, const at::Tensor& x,
   // Both passes, compiled once with and once without a residual (no branch in the inner loops).
   auto passes = [&](auto has_residual) {
     constexpr bool R = decltype(has_residual)::value;
-    auto masked = [=](auto v, int64_t i, int64_t c, auto xv) {  // g' at i
+    // g' at flat index i, given x there and the group's scale and shift
+    auto masked = [=](auto v, int64_t i, auto xv, auto sc, auto sh) {
       using V = decltype(v);
       if constexpr (R) return V::where_pos(V::load(yp + i), V::load(gp + i));
-      else return V::where_pos(V::add(V::mul(xv, V::param(scale + c)), V::param(shift + c)),
-                               V::load(gp + i));
+      else return V::where_pos(V::add(V::mul(xv, sc), sh), V::load(gp + i));
     };
     std::vector<double> sg, sgx;
-    reduce_rows<T>(M, C, sg, sgx, [=](auto v, int64_t i, int64_t c, auto& a, auto& b) {
+    reduce_rows<T>(M, C, sg, sgx, [=](auto v, int64_t c) {
       using V = decltype(v);
-      const auto xv = V::load(xp + i);
-      const auto gg = masked(v, i, c, xv);
-      a = V::add(a, gg);
-      b = V::add(b, V::mul(gg, V::sub(xv, V::param(mu + c))));
+      const auto sc = V::param(scale + c), sh = V::param(shift + c), m = V::param(mu + c);
+      return [=](int64_t i, auto& a, auto& b) {
+        const auto xv = V::load(xp + i);
+        const auto gg = masked(v, i, xv, sc, sh);
+        a = V::add(a, gg);
+        b = V::add(b, V::mul(gg, V::sub(xv, m)));
+      };
     });
     std::vector<A> kg_v(C), kmean_v(C), kx_v(C);
     for (int64_t c = 0; c < C; ++c) {
@@ -317,13 +336,16 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& g, const at::Tensor& x,
     const A* kg = kg_v.data();
     const A* kmean = kmean_v.data();
     const A* kx = kx_v.data();
-    map_rows<T>(M, C, [=](auto v, int64_t i, int64_t c) {
+    map_rows<T>(M, C, [=](auto v, int64_t c) {
       using V = decltype(v);
-      const auto xv = V::load(xp + i);
-      const auto gg = masked(v, i, c, xv);
-      if constexpr (R) V::store(drp + i, gg);
-      const auto centered = V::mul(V::sub(xv, V::param(mu + c)), V::param(kx + c));
-      V::store(dxp + i, V::mul(V::param(kg + c), V::sub(V::sub(gg, V::param(kmean + c)), centered)));
+      const auto sc = V::param(scale + c), sh = V::param(shift + c), m = V::param(mu + c);
+      const auto k1 = V::param(kg + c), k2 = V::param(kmean + c), k3 = V::param(kx + c);
+      return [=](int64_t i) {
+        const auto xv = V::load(xp + i);
+        const auto gg = masked(v, i, xv, sc, sh);
+        if constexpr (R) V::store(drp + i, gg);
+        V::store(dxp + i, V::mul(k1, V::sub(V::sub(gg, k2), V::mul(V::sub(xv, m), k3))));
+      };
     });
   };
   if (y) passes(std::true_type{});
