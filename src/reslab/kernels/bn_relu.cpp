@@ -4,8 +4,9 @@
 // activation in memory, and the backward the same again (threshold_backward, then BN's two
 // passes). On a small CPU these passes are a third of a ResNet-20 training step. Here:
 //   forward : pass 1 per-channel sums of x;  pass 2 y = relu(x * scale + shift [+ r])
-//   backward: pass 1 per-channel sums of g' = g * [y > 0] and g' * (x - mean)  (writes dr = g'
-//             when there is a residual);  pass 2 dx = scale * (g' - mean(g') - xhat * mean(g' xhat)/invstd)
+//   backward: pass 1 per-channel sums of g' = g * [y > 0] and g' * (x - mean);
+//             pass 2 dx = w * invstd * (g' - mean(g') - xhat * mean(g' * xhat)), and dr = g'
+//             when there is a residual
 // The tensors are seen as (M, C) rows, M = N*H*W, which is what channels-last memory is.
 // Accumulation is in float per block of rows and in double across blocks and threads; float and
 // bfloat16 tensors run 16 channels at a time in AVX-512 registers where the compiler targets it.
