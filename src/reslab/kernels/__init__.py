@@ -95,27 +95,30 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
+def _from_rows(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The (N, C, H, W) channels-last view of rows made by ``_rows`` from a tensor of ``shape``."""
+    n, c, h, w = shape
+    return t.view(n, h, w, c).permute(0, 3, 1, 2)
+
+
 class _BNReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, eps):
         ext = _load()
-        n, c, h, w = x.shape
         xr = _rows(x)
         rr = None if residual is None else _rows(residual.to(x.dtype))
         y, mean, invstd, var = ext.forward(xr, weight, bias, rr, eps)
         ctx.residual = residual is not None
         ctx.save_for_backward(xr, weight, bias, mean, invstd, y if ctx.residual else None)
         ctx.mark_non_differentiable(mean, var)
-        as_nchw = lambda t: t.view(n, h, w, c).permute(0, 3, 1, 2)  # noqa: E731 (channels-last view)
-        return as_nchw(y), mean, var
+        return _from_rows(y, x.shape), mean, var
 
     @staticmethod
     def backward(ctx, gy, _gmean, _gvar):
         xr, weight, bias, mean, invstd, y = ctx.saved_tensors
-        n, c, h, w = gy.shape
         dx, dw, db, dres = _load().backward(_rows(gy.to(xr.dtype)), xr, y, weight, bias, mean, invstd)
-        as_nchw = lambda t: t.view(n, h, w, c).permute(0, 3, 1, 2)  # noqa: E731
-        return as_nchw(dx), dw, db, (as_nchw(dres) if ctx.residual else None), None
+        dres = _from_rows(dres, gy.shape) if ctx.residual else None
+        return _from_rows(dx, gy.shape), dw, db, dres, None
 
 
 def fusable(bn: nn.Module, x: torch.Tensor) -> bool:

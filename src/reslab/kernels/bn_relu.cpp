@@ -256,23 +256,22 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x, const at::Tensor& weig
   const A* shift = shift_v.data();
   at::Tensor y = at::empty_like(x);
   T* yp = y.data_ptr<T>();
-  if (res) {
-    const T* rp = res->data_ptr<T>();
+  const T* rp = res ? res->data_ptr<T>() : nullptr;
+  // Compiled once with and once without a residual (no branch in the inner loop), as the backward.
+  auto normalize = [&](auto has_residual) {
+    constexpr bool R = decltype(has_residual)::value;
     map_rows<T>(M, C, [=](auto v, int64_t c) {
       using V = decltype(v);
       const auto sc = V::param(scale + c), sh = V::param(shift + c);
       return [=](int64_t i) {
-        const auto u = V::add(V::mul(V::load(xp + i), sc), sh);
-        V::store(yp + i, V::relu(V::add(u, V::load(rp + i))));
+        auto u = V::add(V::mul(V::load(xp + i), sc), sh);
+        if constexpr (R) u = V::add(u, V::load(rp + i));
+        V::store(yp + i, V::relu(u));
       };
     });
-  } else {
-    map_rows<T>(M, C, [=](auto v, int64_t c) {
-      using V = decltype(v);
-      const auto sc = V::param(scale + c), sh = V::param(shift + c);
-      return [=](int64_t i) { V::store(yp + i, V::relu(V::add(V::mul(V::load(xp + i), sc), sh))); };
-    });
-  }
+  };
+  if (res) normalize(std::true_type{});
+  else normalize(std::false_type{});
   return {y, mean, invstd, var};
 }
 

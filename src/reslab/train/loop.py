@@ -380,7 +380,8 @@ class _Run:
         self.train_step = make_train_step(
             model, self.optimizer, precision=config.precision, channels_last=config.channels_last,
             compile=config.compile, compile_mode=config.compile_mode,
-            fused_kernels=config.fused_kernels, label_smoothing=config.label_smoothing, grad_clip=config.grad_clip, scaler=self.scaler,
+            fused_kernels=config.fused_kernels, label_smoothing=config.label_smoothing,
+            grad_clip=config.grad_clip, scaler=self.scaler,
         )
         self.ema = EMA(model, config.ema_decay) if config.ema_decay is not None else None
         self.augment = AugmentSpec(pad=config.pad, flip=config.flip, cutout=config.cutout)
