@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from reslab.data import (
-    AugmentSpec, DataError, InMemoryDataset, augment_batch, batches, center_crop, normalize, ten_crop,
+    AugmentSpec, DataError, InMemoryDataset, augment_batch, batches, center_crop, mean_colour, normalize,
+    ten_crop,
 )
 
 
@@ -79,6 +80,68 @@ def test_cutout_zeroes_one_square_per_sample_clipped_at_the_border():
         assert rows.max() - rows.min() + 1 == len(rows)
         full_squares += len(rows) == 4 and len(cols) == 4
     assert full_squares > 10
+
+
+def test_reflect_padding_crops_translations_of_the_mirrored_image():
+    x, p = images(n=32), 3
+    out = augment_batch(x, AugmentSpec(pad=p, flip=True, pad_mode="reflect"), gen(4))
+    # The oracle: F.pad's reflect mode (on floats: it has no uint8 kernel).
+    padded = F.pad(x.float(), (p, p, p, p), mode="reflect").to(torch.uint8)
+    h, w = x.shape[-2:]
+    offsets = set()
+    for n in range(len(x)):
+        found = [(dy, dx, f) for dy in range(2 * p + 1) for dx in range(2 * p + 1) for f in (0, 1)
+                 if torch.equal(out[n], padded[n, :, dy : dy + h, dx : dx + w].flip(-1) if f
+                                else padded[n, :, dy : dy + h, dx : dx + w])]
+        assert len(found) == 1, f"sample {n} is not a (mirrored) crop of its reflect-padded image"
+        offsets.add(found[0])
+    assert len(offsets) > 5
+
+
+def test_mean_padding_and_cutout_paint_the_fill_colour():
+    x, p, fill = images(n=32), 2, (7, 8, 9)
+    out = augment_batch(x, AugmentSpec(pad=p, flip=False, pad_mode="mean", fill=fill), gen(0))
+    h, w = x.shape[-2:]
+    padded = torch.stack([F.pad(x[:, c], (p, p, p, p), value=fill[c]) for c in range(3)], 1)
+    for n in range(len(x)):
+        assert any(torch.equal(out[n], padded[n, :, dy : dy + h, dx : dx + w])
+                   for dy in range(2 * p + 1) for dx in range(2 * p + 1))
+    cut = augment_batch(x, AugmentSpec(pad=0, flip=False, cutout=4, fill=fill), gen(3))
+    changed = (cut != x).any(1)  # (N, H, W): the painted squares
+    assert changed.any(1).any(1).all()  # every sample got its square
+    for c in range(3):
+        assert (cut[:, c][changed] == fill[c]).all()
+
+
+def test_zero_padding_ignores_the_fill_colour_and_draws_as_before():
+    # The fill only colours cutout and mean padding: a zero-padded crop is the same with or without it.
+    x = images(n=32)
+    a = augment_batch(x, AugmentSpec(pad=2, flip=True), gen(9))
+    b = augment_batch(x, AugmentSpec(pad=2, flip=True, fill=(50, 60, 70)), gen(9))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(pad_mode="wrap"), "pad_mode must be one of zero, mean, reflect; got 'wrap'"),
+    (dict(pad_mode="mean"), r"pad_mode='mean' needs the fill colour"),
+    (dict(fill=(0, 256, 0)), r"fill is a uint8 colour \(values 0..255 per channel\)"),
+])
+def test_bad_augment_specs_are_rejected(kwargs, message):
+    with pytest.raises(DataError, match=message):
+        AugmentSpec(**kwargs)
+
+
+def test_fill_and_reflect_padding_must_fit_the_images():
+    x = images(h=4, w=4)
+    with pytest.raises(DataError, match=r"images have 3 channels but the augmentation's fill colour has 1 values"):
+        augment_batch(x, AugmentSpec(cutout=2, fill=(5,)))
+    with pytest.raises(DataError, match=r"reflect padding of 4 pixels needs images larger than 4x4, got 4x4"):
+        augment_batch(x, AugmentSpec(pad=4, pad_mode="reflect"))
+
+
+def test_mean_colour_is_the_nearest_uint8():
+    assert mean_colour((0.49125, 0.48209, 0.446521)) == (125, 123, 114)
+    assert mean_colour((0.0, 1.0, 1.2)) == (0, 255, 255)
 
 
 def test_nothing_to_do_returns_the_batch_itself():

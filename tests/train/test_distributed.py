@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from reslab.checkpoint import load_state_dict_file
-from reslab.data import AugmentSpec, augment_batch, batches, normalize
+from reslab.data import AugmentSpec, augment_batch, batches, mean_colour, normalize
 from reslab.train import (TrainConfig, build_model, load_data, make_optimizer, read_metrics,
                           resolve_config, resume, train)
 from reslab.train.dist import DistContext, check_sync_bn, torchrun_environment
@@ -125,7 +125,8 @@ def one_process(shards: int) -> dict[str, torch.Tensor]:
     config = TrainConfig.from_recipe("default", **{**RUN, "lr": RUN["lr"] * shards})
     data = load_data(config)
     config = resolve_config(config, data)
-    spec = AugmentSpec(pad=config.pad, flip=config.flip, cutout=config.cutout)
+    spec = AugmentSpec(pad=config.pad, flip=config.flip, cutout=config.cutout, pad_mode=config.pad_mode,
+                       fill=mean_colour(data.mean))
     # Rank 0 keeps the single-process seed; rank r > 0 derives its own.
     gens = [torch.Generator().manual_seed(derive_seed(config.seed, "augment", *(("rank", r) if r else ())))
             for r in range(shards)]

@@ -80,13 +80,24 @@ def test_ten_crop_views_of_in_memory_images():
     assert torch.equal(views[:, 9], x.flip(-1))
 
 
+def test_flip_translate_views_are_the_image_and_two_reflected_shifts_with_their_mirrors():
+    x = torch.arange(2 * 3 * 6 * 7, dtype=torch.int64).remainder(251).to(torch.uint8).view(2, 3, 6, 7)
+    views = _views(x, "flip-translate", pad=4)
+    assert views.shape == (2, 6, 3, 6, 7)
+    padded = F.pad(x.float(), (1, 1, 1, 1), mode="reflect").to(torch.uint8)  # oracle
+    down_right, up_left = padded[..., :6, :7], padded[..., 2:, 2:]
+    for i, view in enumerate([x, down_right, up_left]):
+        assert torch.equal(views[:, 2 * i], view)
+        assert torch.equal(views[:, 2 * i + 1], view.flip(-1))
+
+
 def test_views_from_a_ten_crop_dataset_need_tta_10crop():
     with pytest.raises(ValueError, match="yields 10 views per image but tta='none'"):
         _views(torch.zeros(2, 10, 3, 4, 4, dtype=torch.uint8), "none", 0)
 
 
 def test_unknown_tta_is_rejected():
-    with pytest.raises(ValueError, match="tta must be one of none, flip, 10crop; got 'five'"):
+    with pytest.raises(ValueError, match="tta must be one of none, flip, flip-translate, 10crop; got 'five'"):
         evaluate_model(Lookup(), dataset(), tta="five", **NORM)
 
 

@@ -13,9 +13,10 @@ from torch import nn
 import reslab.train.loop as loop
 import reslab.train.step as step_module
 from reslab.cli import build_parser, main
+from reslab.data import AugmentSpec, mean_colour
 from reslab.train import (TrainConfig, build_model, fit, load_data, make_optimizer,
                           make_train_step, resolve_config, resume, train)
-from reslab.train.config import COMPILE_MODES
+from reslab.train.config import COMPILE_MODES, TTA
 from reslab.train.evaluate import evaluate_model
 from reslab.train.progress import Reporter
 
@@ -75,7 +76,7 @@ def augment_generators(monkeypatch):
 # ----------------------------------------------------------------------------- config values
 
 @pytest.mark.parametrize("field, value, message", [
-    ("eval_tta", "5crop", "eval_tta must be one of none, flip, 10crop; got '5crop'"),
+    ("eval_tta", "5crop", "eval_tta must be one of none, flip, flip-translate, 10crop; got '5crop'"),
     ("compile_mode", "fast", "compile_mode must be one of default, reduce-overhead, max-autotune, "
                              "max-autotune-no-cudagraphs; got 'fast'"),
 ])
@@ -87,7 +88,7 @@ def test_bad_eval_tta_and_compile_mode_are_rejected(field, value, message):
 def test_eval_tta_and_compile_mode_values_are_accepted_and_round_trip():
     assert (TrainConfig().eval_tta, TrainConfig().compile_mode) == ("none", "default")
     assert COMPILE_MODES == ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-    for tta in ("none", "flip", "10crop"):
+    for tta in TTA:
         assert TrainConfig(eval_tta=tta).eval_tta == tta
     for mode in COMPILE_MODES:
         c = TrainConfig(compile=True, compile_mode=mode)
@@ -103,7 +104,7 @@ def test_train_command_has_the_flags():
 
 # ----------------------------------------------------------------------------- eval_tta
 
-@pytest.mark.parametrize("tta", ["flip", "10crop"])
+@pytest.mark.parametrize("tta", ["flip", "flip-translate", "10crop"])
 def test_the_runs_evaluation_uses_eval_tta(tiny, tta):
     cfg = tiny(epochs=1, eval_tta=tta)
     data = load_data(cfg)
@@ -218,3 +219,31 @@ def test_resume_of_a_checkpoint_with_another_devices_augment_state_reseeds(tmp_p
     assert any(t.startswith("resumed ") and "at step 4" in t for t in moved.messages)
     rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [3, 6, 9]
+
+
+# ----------------------------------------------------------------------------- pad_mode
+
+def test_the_loop_augments_with_the_pad_mode_and_the_datasets_mean_colour(tiny, monkeypatch):
+    specs: list[AugmentSpec] = []
+    real = loop.augment_batch
+
+    def spy(x, spec, generator=None):
+        specs.append(spec)
+        return real(x, spec, generator)
+
+    monkeypatch.setattr(loop, "augment_batch", spy)
+    cfg = tiny(epochs=1, pad_mode="reflect", cutout=2)
+    data = load_data(cfg)
+    cfg = resolve_config(cfg, data)
+    fit(build_model(cfg), data, cfg)
+    expected = AugmentSpec(pad=1, flip=False, cutout=2, pad_mode="reflect", fill=mean_colour(data.mean))
+    assert len(specs) == 3 and all(s == expected for s in specs)
+
+
+def test_pad_mode_defaults_to_the_datasets_and_the_fast_recipe_reflects(tiny):
+    cfg = tiny()
+    assert resolve_config(cfg, load_data(cfg)).pad_mode == "zero"
+    assert TrainConfig.from_recipe("fast").pad_mode == "reflect"
+    assert build_parser().parse_args(["train", "--pad-mode", "mean"]).pad_mode == "mean"
+    with pytest.raises(ValueError, match="pad_mode must be one of zero, mean, reflect; got 'edge'"):
+        TrainConfig(pad_mode="edge")

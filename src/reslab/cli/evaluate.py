@@ -1,4 +1,4 @@
-"""`reslab eval CHECKPOINT_OR_RUN [--data D] [--tta none|flip|10crop] [--json]`."""
+"""`reslab eval CHECKPOINT_OR_RUN [--data D] [--tta none|flip|flip-translate|10crop] [--json]`."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-split", action=argparse.BooleanOptionalAction, default=None,
                    help="evaluate on the held-out validation split (default: as the run did)")
     p.add_argument("--tta", choices=TTA, default="none",
-                   help="test-time augmentation: average over the flip or the 10 crops")
+                   help="test-time augmentation: average over the flip, the flip and two "
+                   "one-pixel translations (6 views), or the 10 crops")
     p.add_argument("--test-limit", type=_positive, help="evaluate on at most this many images")
     p.add_argument("--batch-size", type=_positive, default=512)
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")

@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 from .augment import augment_batch, batches, center_crop, normalize, ten_crop
 from .base import (
-    AugmentSpec, DataError, DatasetBundle, DatasetNotFoundError, InMemoryDataset, UnknownDatasetError,
-    check_limit, default_data_dir,
+    PAD_MODES, AugmentSpec, DataError, DatasetBundle, DatasetNotFoundError, InMemoryDataset,
+    UnknownDatasetError, check_limit, default_data_dir, mean_colour,
 )
 from .cifar import load_cifar
 from .digits import load_digits
@@ -80,8 +80,8 @@ def load_dataset(
 
 
 __all__ = [
-    "DATASETS", "AugmentSpec", "CorruptImageError", "DataError", "DatasetBundle",
+    "DATASETS", "PAD_MODES", "AugmentSpec", "CorruptImageError", "DataError", "DatasetBundle",
     "DatasetNotFoundError", "DownloadError", "FolderDataset", "InMemoryDataset",
     "UnknownDatasetError", "augment_batch", "batches", "center_crop", "default_data_dir",
-    "load_dataset", "normalize", "ten_crop",
+    "load_dataset", "mean_colour", "normalize", "ten_crop",
 ]

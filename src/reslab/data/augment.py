@@ -19,14 +19,17 @@ from .base import AugmentSpec, DataError, InMemoryDataset
 def augment_batch(
     x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Random crop of the zero-padded image, horizontal flip and cutout, per sample.
+    """Random crop of the padded image, horizontal flip and cutout, per sample.
 
-    He et al. 2015, Sec. 4.2: pad `spec.pad` pixels of zeros on each side and take a random crop
-    of the original size, or its mirror image. Crop and flip are one gather: output column j of
-    sample n reads padded column dx[n] + j, or dx[n] + W-1-j when flipped. Cutout (DeVries &
-    Taylor 2017) zeroes a `spec.cutout`-sided square centred at a uniform random pixel, clipped
-    at the border. `x` is uint8 (N, C, H, W); the result has the same shape and dtype (it is `x`
-    itself when `spec` does nothing). Draws, in this order: dy, dx, flip, cutout centre.
+    He et al. 2015, Sec. 4.2: pad `spec.pad` pixels on each side and take a random crop of the
+    original size, or its mirror image. Crop, flip and padding are one gather: output pixel
+    (i, j) of sample n reads source row dy[n] - p + i and column dx[n] - p + j (W-1-j when
+    flipped); a source index outside the image is mirrored back into it (``reflect``) or reads
+    the padding colour (``zero``: black, ``mean``: `spec.fill`). Cutout (DeVries & Taylor
+    2017) paints a `spec.cutout`-sided square centred at a uniform random pixel, clipped at the
+    border, in `spec.fill` (black when empty). `x` is uint8 (N, C, H, W); the result has the same
+    shape and dtype (it is `x` itself when `spec` does nothing). Draws, in this order: dy, dx,
+    flip, cutout centre.
     """
     if x.dtype != torch.uint8 or x.dim() != 4:
         raise DataError(f"augment_batch expects uint8 (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
@@ -34,6 +37,13 @@ def augment_batch(
         return x
     n, c, h, w = x.shape
     p = spec.pad
+    if spec.fill and len(spec.fill) != c:
+        raise DataError(f"images have {c} channels but the augmentation's fill colour has "
+                        f"{len(spec.fill)} values {spec.fill}; use the dataset's mean_colour(mean)")
+    if spec.pad_mode == "reflect" and p >= min(h, w):
+        raise DataError(f"reflect padding of {p} pixels needs images larger than {p}x{p}, got {h}x{w}; "
+                        "use a smaller pad or pad_mode 'zero'/'mean'")
+    fill = torch.tensor(spec.fill or (0,) * c, dtype=torch.uint8, device=x.device).view(1, c, 1, 1)
 
     def randint(high: int) -> torch.Tensor:
         # Draw where the generator lives (a CPU generator may drive a GPU batch), then move.
@@ -42,16 +52,21 @@ def augment_batch(
 
     out = x
     if p or spec.flip:
-        dy = randint(2 * p + 1) if p else torch.zeros(n, dtype=torch.int64, device=x.device)
-        dx = randint(2 * p + 1) if p else torch.zeros(n, dtype=torch.int64, device=x.device)
-        flip = randint(2).bool() if spec.flip else torch.zeros(n, dtype=torch.bool, device=x.device)
-        padded = F.pad(x, (p, p, p, p)) if p else x
-        rows = dy[:, None] + torch.arange(h, device=x.device)  # (N, H)
+        zeros = torch.zeros(n, dtype=torch.int64, device=x.device)
+        dy = randint(2 * p + 1) if p else zeros
+        dx = randint(2 * p + 1) if p else zeros
+        flip = randint(2).bool() if spec.flip else zeros.bool()
+        rows = dy[:, None] - p + torch.arange(h, device=x.device)  # (N, H), source rows
         cols = torch.arange(w, device=x.device).expand(n, w)
-        cols = dx[:, None] + torch.where(flip[:, None], w - 1 - cols, cols)  # (N, W)
+        cols = dx[:, None] - p + torch.where(flip[:, None], w - 1 - cols, cols)  # (N, W)
+        if spec.pad_mode == "reflect":
+            rows, cols = reflect_index(rows, h), reflect_index(cols, w)
         batch = torch.arange(n, device=x.device)[:, None, None, None]
         chans = torch.arange(c, device=x.device)[None, :, None, None]
-        out = padded[batch, chans, rows[:, None, :, None], cols[:, None, None, :]]
+        out = x[batch, chans, rows.clamp(0, h - 1)[:, None, :, None], cols.clamp(0, w - 1)[:, None, None, :]]
+        if p and spec.pad_mode != "reflect":
+            inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+            out = torch.where(inside[:, None], out, fill if spec.pad_mode == "mean" else 0)
     if spec.cutout:
         cy, cx = randint(h), randint(w)
         top, left = cy - spec.cutout // 2, cx - spec.cutout // 2
@@ -59,8 +74,15 @@ def augment_batch(
         xs = torch.arange(w, device=x.device)
         in_rows = (ys >= top[:, None]) & (ys < top[:, None] + spec.cutout)  # (N, H)
         in_cols = (xs >= left[:, None]) & (xs < left[:, None] + spec.cutout)  # (N, W)
-        out = out.masked_fill((in_rows[:, :, None] & in_cols[:, None, :])[:, None], 0)
+        out = torch.where((in_rows[:, :, None] & in_cols[:, None, :])[:, None], fill, out)
     return out
+
+
+def reflect_index(i: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices in [-(n-1), 2(n-1)] mirrored into [0, n-1] about the first and last pixel (no
+    repeat of the edge pixel: numpy's and F.pad's 'reflect')."""
+    i = i.abs()
+    return torch.where(i > n - 1, 2 * (n - 1) - i, i)
 
 
 def normalize(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -76,27 +77,49 @@ class InMemoryDataset(torch.utils.data.Dataset):
         return InMemoryDataset(self.images[index], self.labels[index])
 
 
+PAD_MODES = ("zero", "mean", "reflect")
+
+
 @dataclass(frozen=True)
 class AugmentSpec:
     """The train-time augmentation, applied to whole batches by `augment_batch`.
 
     The default is the CIFAR recipe of He et al. 2015, Sec. 4.2: "4 pixels are padded on each
     side, and a 32×32 crop is randomly sampled from the padded image or its horizontal flip".
-    `cutout` is the square erasing of DeVries & Taylor 2017 ("Improved Regularization of
-    Convolutional Neural Networks with Cutout").
+    `pad_mode` says what the crop sees beyond the border: ``zero`` black pixels (torchvision's
+    ``RandomCrop(padding=4)``, what most reproductions do), ``mean`` the `fill` colour (the
+    dataset's mean, so zero after normalisation: He et al. pad the mean-subtracted image), or
+    ``reflect`` the mirrored image (Page 2018 and airbench; no artificial edges, so the first
+    layers' statistics on training batches match those of test images). `cutout` is the square
+    erasing of DeVries & Taylor 2017 ("Improved Regularization of Convolutional Neural Networks
+    with Cutout"), painted in the `fill` colour (they erase after normalisation: the mean).
+    `fill` is one uint8 value per channel; empty means black.
     """
 
     pad: int = 4
     flip: bool = True
     cutout: int = 0
+    pad_mode: str = "zero"
+    fill: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.pad < 0 or self.cutout < 0:
             raise DataError(f"pad and cutout must be >= 0, got pad={self.pad}, cutout={self.cutout}")
+        if self.pad_mode not in PAD_MODES:
+            raise DataError(f"pad_mode must be one of {', '.join(PAD_MODES)}; got {self.pad_mode!r}")
+        if any(not 0 <= v <= 255 for v in self.fill):
+            raise DataError(f"fill is a uint8 colour (values 0..255 per channel), got {self.fill}")
+        if self.pad_mode == "mean" and not self.fill:
+            raise DataError("pad_mode='mean' needs the fill colour: AugmentSpec(fill=mean_colour(mean))")
 
     @property
     def enabled(self) -> bool:
         return bool(self.pad or self.flip or self.cutout)
+
+
+def mean_colour(mean: Sequence[float]) -> tuple[int, ...]:
+    """A dataset's per-channel mean (in [0, 1]) as the nearest uint8 colour, for `AugmentSpec.fill`."""
+    return tuple(min(255, max(0, round(255 * float(m)))) for m in mean)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,11 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
+from ..data.base import PAD_MODES
+
+# Test-time augmentations (train.evaluate builds their views).
+TTA = ("none", "flip", "flip-translate", "10crop")
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("step", "cosine", "onecycle", "constant")
 MILESTONE_UNITS = ("fraction", "epoch", "step")
@@ -60,6 +65,9 @@ class TrainConfig:
     flip: bool | None = _f("random horizontal flip (default: the dataset's)", default=None)
     cutout: int | None = _f("cutout square side, 0 = off (default: the dataset's)",
                             default=None, minimum=0)
+    pad_mode: str | None = _f("what a random crop sees beyond the border: zero (black), mean (the "
+                              "dataset's mean colour), reflect (the mirrored image) (default: the "
+                              "dataset's)", default=None, choices=PAD_MODES)
     workers: int = _f("DataLoader worker processes for folder datasets", default=4, minimum=0)
 
     # --- optimisation (He et al. 2015, Sec. 3.4 and 4.2)
@@ -126,8 +134,8 @@ class TrainConfig:
     eval_every: int = _f("evaluate every N epochs (and after the last)", default=1, minimum=1)
     eval_batch_size: int = _f("evaluation batch size", default=512, minimum=1)
     eval_tta: str = _f("test-time augmentation of the evaluations: none, flip (mean probability "
-                       "of the image and its mirror), 10crop", default="none",
-                       choices=("none", "flip", "10crop"))
+                       "of the image and its mirror), flip-translate (also both shifted one pixel "
+                       "diagonally each way: 6 views), 10crop", default="none", choices=TTA)
     tensorboard: bool = _f("write TensorBoard events", default=False)
     progress: str = _f("progress display (auto: a bar on a terminal, lines otherwise)",
                        default="auto", choices=PROGRESS)
@@ -271,12 +279,12 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             "fast",
             "time to accuracy on a small CPU: one-cycle lr (peak 0.2 at 25%), Nesterov, label "
-            "smoothing 0.1, no wd on BN/bias, batch 256, bf16 autocast, channels-last, fused BN-ReLU "
-            "kernel, few epochs",
+            "smoothing 0.1, no wd on BN/bias, batch 256, reflect-padded crops, bf16 autocast, "
+            "channels-last, fused BN-ReLU kernel, few epochs",
             {"batch_size": 256, "lr": 0.2, "momentum": 0.9, "nesterov": True,
              "weight_decay": 5e-4, "decay_bn_bias": False, "label_smoothing": 0.1,
              "schedule": "onecycle", "onecycle_peak": 0.25, "precision": "bf16",
-             "channels_last": True, "fused_kernels": True},
+             "pad_mode": "reflect", "channels_last": True, "fused_kernels": True},
             {"digits": 15, "synthetic": 3, "cifar10": 15, "cifar100": 20, "folder": 16, "*": 15},
         ),
     )

@@ -1,7 +1,9 @@
 """Evaluation: loss and top-1/top-5 error of a model on a dataset, with test-time augmentation.
 
 Test-time augmentation averages the softmax probabilities of several views of each image:
-``flip`` (the image and its mirror), ``10crop`` (the four corners and the centre of the padded
+``flip`` (the image and its mirror), ``flip-translate`` (those two, and both shifted by one
+pixel down-right and up-left with the border reflected: the 6 views of airbench's test-time
+augmentation, Jordan 2024, which add about half a point on CIFAR-10 over ``flip``), ``10crop`` (the four corners and the centre of the padded
 image and their mirrors; for folder datasets the 10 crops of the resized image, the multi-view
 test of Krizhevsky et al. 2012 used for He et al. 2015, Table 3). The loss is the negative log
 of the averaged probability of the true class.
@@ -19,10 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import InMemoryDataset, batches, normalize, ten_crop
+from ..data.augment import reflect_index
+from .config import TTA
 from .dist import DistContext
 from .step import autocast
-
-TTA = ("none", "flip", "10crop")
 
 
 @dataclass(frozen=True)
@@ -129,8 +131,20 @@ def _views(x: torch.Tensor, tta: str, pad: int) -> torch.Tensor:
         return x[:, None]
     if tta == "flip":
         return torch.stack([x, x.flip(-1)], dim=1)
+    if tta == "flip-translate":
+        views = [x, _translate(x, 1), _translate(x, -1)]
+        return torch.stack([v for view in views for v in (view, view.flip(-1))], dim=1)
     h = x.shape[-2]
     return ten_crop(F.pad(x, (pad, pad, pad, pad)), h) if pad else ten_crop(x, h)
+
+
+def _translate(x: torch.Tensor, d: int) -> torch.Tensor:
+    """(..., H, W) -> output pixel (i, j) = x[i - d, j - d], reflecting at the border (the image
+    moves d pixels down and right; the rows and columns it uncovers mirror the ones inside)."""
+    h, w = x.shape[-2:]
+    rows = reflect_index(torch.arange(h, device=x.device) - d, h)
+    cols = reflect_index(torch.arange(w, device=x.device) - d, w)
+    return x.index_select(-2, rows).index_select(-1, cols)
 
 
 def load_for_eval(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

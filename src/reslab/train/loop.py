@@ -34,7 +34,9 @@ import torch
 from torch import nn
 
 from ..checkpoint import _unwrap, save_model
-from ..data import AugmentSpec, DatasetBundle, InMemoryDataset, augment_batch, batches, load_dataset, normalize
+from ..data import (
+    AugmentSpec, DatasetBundle, InMemoryDataset, augment_batch, batches, load_dataset, mean_colour, normalize,
+)
 from .config import ERROR_WARMUP_MIN_DEPTH, RUNTIME_FIELDS, TrainConfig
 from .dist import DistContext, backend_for, check_sync_bn, process_group, torchrun_environment, wrap_model
 from .evaluate import evaluate_model
@@ -292,6 +294,7 @@ def resolve_config(config: TrainConfig, data: DatasetBundle) -> TrainConfig:
         pad=data.augment.pad if config.pad is None else config.pad,
         flip=data.augment.flip if config.flip is None else config.flip,
         cutout=data.augment.cutout if config.cutout is None else config.cutout,
+        pad_mode=data.augment.pad_mode if config.pad_mode is None else config.pad_mode,
         error_warmup=warmup,
         device=resolve_device(config.device),
     )
@@ -384,7 +387,8 @@ class _Run:
             grad_clip=config.grad_clip, scaler=self.scaler,
         )
         self.ema = EMA(model, config.ema_decay) if config.ema_decay is not None else None
-        self.augment = AugmentSpec(pad=config.pad, flip=config.flip, cutout=config.cutout)
+        self.augment = AugmentSpec(pad=config.pad, flip=config.flip, cutout=config.cutout,
+                                   pad_mode=config.pad_mode, fill=mean_colour(data.mean))
         self.train_set = data.train.to(self.device) if isinstance(data.train, InMemoryDataset) else data.train
         # The augmentation draws on the device the batches live on: a CPU generator driving GPU
         # batches would copy its draws to the GPU every step, and each such copy from pageable
