@@ -133,7 +133,8 @@ def test_bad_augment_specs_are_rejected(kwargs, message):
 
 def test_fill_and_reflect_padding_must_fit_the_images():
     x = images(h=4, w=4)
-    with pytest.raises(DataError, match=r"images have 3 channels but the augmentation's fill colour has 1 values"):
+    with pytest.raises(DataError, match=r"images have 3 channels but the augmentation's fill colour "
+                                        r"has 1 values"):
         augment_batch(x, AugmentSpec(cutout=2, fill=(5,)))
     with pytest.raises(DataError, match=r"reflect padding of 4 pixels needs images larger than 4x4, got 4x4"):
         augment_batch(x, AugmentSpec(pad=4, pad_mode="reflect"))

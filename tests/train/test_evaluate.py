@@ -91,6 +91,11 @@ def test_flip_translate_views_are_the_image_and_two_reflected_shifts_with_their_
         assert torch.equal(views[:, 2 * i + 1], view.flip(-1))
 
 
+def test_flip_translate_needs_room_to_shift():
+    with pytest.raises(ValueError, match=r"shifts images by one pixel; got \(1, 5\) images"):
+        _views(torch.zeros(2, 3, 1, 5, dtype=torch.uint8), "flip-translate", 0)
+
+
 def test_views_from_a_ten_crop_dataset_need_tta_10crop():
     with pytest.raises(ValueError, match="yields 10 views per image but tta='none'"):
         _views(torch.zeros(2, 10, 3, 4, 4, dtype=torch.uint8), "none", 0)
