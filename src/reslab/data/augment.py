@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .base import AugmentSpec, DataError, InMemoryDataset
 
@@ -43,7 +42,10 @@ def augment_batch(
     if spec.pad_mode == "reflect" and p >= min(h, w):
         raise DataError(f"reflect padding of {p} pixels needs images larger than {p}x{p}, got {h}x{w}; "
                         "use a smaller pad or pad_mode 'zero'/'mean'")
-    fill = torch.tensor(spec.fill or (0,) * c, dtype=torch.uint8, device=x.device).view(1, c, 1, 1)
+    # The colour as a (1, C, 1, 1) tensor made by fill kernels on the batch's device: no
+    # host-to-device copy per step on a GPU.
+    fill = torch.cat([torch.full((1, 1, 1, 1), v, dtype=torch.uint8, device=x.device)
+                      for v in spec.fill or (0,) * c], dim=1)
 
     def randint(high: int) -> torch.Tensor:
         # Draw where the generator lives (a CPU generator may drive a GPU batch), then move.
