@@ -42,10 +42,12 @@ def augment_batch(
     if spec.pad_mode == "reflect" and p >= min(h, w):
         raise DataError(f"reflect padding of {p} pixels needs images larger than {p}x{p}, got {h}x{w}; "
                         "use a smaller pad or pad_mode 'zero'/'mean'")
-    # The colour as a (1, C, 1, 1) tensor made by fill kernels on the batch's device: no
-    # host-to-device copy per step on a GPU.
-    fill = torch.cat([torch.full((1, 1, 1, 1), v, dtype=torch.uint8, device=x.device)
-                      for v in spec.fill or (0,) * c], dim=1)
+    fill = None
+    if spec.cutout or spec.pad_mode == "mean":
+        # The colour as a (1, C, 1, 1) tensor made by fill kernels on the batch's device: no
+        # host-to-device copy per step on a GPU. Only built when something is painted with it.
+        fill = torch.cat([torch.full((1, 1, 1, 1), v, dtype=torch.uint8, device=x.device)
+                          for v in spec.fill or (0,) * c], dim=1)
 
     def randint(high: int) -> torch.Tensor:
         # Draw where the generator lives (a CPU generator may drive a GPU batch), then move.
