@@ -7,9 +7,12 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from reslab import create_model
-from reslab.bench import agreement, baseline_for, bench_infer, bench_train, matmul_peak
+from reslab.bench import (
+    agreement, as_conv1x1, baseline_for, bench_infer, bench_train, matmul_peak, matmul_rates,
+)
 from reslab.cli import main
 
 TINY = dict(warmup=0, repeats=2, iters=1, peak_n=64)
@@ -31,8 +34,17 @@ def test_baseline_refuses_models_it_cannot_express():
         baseline_for(create_model("preact_resnet110"))
 
 
-def test_matmul_peak_is_a_positive_rate():
-    assert matmul_peak(torch.float32, n=64, repeats=2) > 0
+def test_matmul_peak_is_the_better_of_two_libraries():
+    rates = matmul_rates(torch.float32, n=64, repeats=2)
+    assert set(rates) == {"matmul", "conv1x1"} and min(rates.values()) > 0
+    assert 0 < matmul_peak(torch.float32, n=64, repeats=2)
+
+
+def test_the_peak_convolution_is_the_same_matmul():
+    a, b = torch.randn(48, 32, dtype=torch.float64), torch.randn(32, 40, dtype=torch.float64)
+    image, weight = as_conv1x1(a, b)
+    assert image.shape == (1, 32, 1, 48) and weight.shape == (40, 32, 1, 1)
+    torch.testing.assert_close(F.conv2d(image, weight)[0, :, 0, :].t(), a @ b)
 
 
 def test_bench_train_result_is_consistent():
@@ -45,6 +57,11 @@ def test_bench_train_result_is_consistent():
     assert r.speedup == pytest.approx(r.reslab.images_per_sec / r.baseline.images_per_sec)
     assert r.achieved_flops == pytest.approx(6 * r.macs_per_image * r.reslab.images_per_sec)
     assert r.fraction_of_peak == pytest.approx(r.achieved_flops / r.peak_flops["bf16"])
+    for precision, rates in r.peak_detail.items():
+        assert r.peak_flops[precision] == max(rates.values())
+    assert r.settings["allocator"] == "system"
+    for m in (r.baseline, r.reslab):  # counted per timed call (Linux and macOS count them)
+        assert m.page_faults_per_call is None or m.page_faults_per_call >= 0
 
 
 def test_bench_infer_checks_the_fast_path_against_the_baseline():
@@ -74,6 +91,18 @@ def test_cli_json_output(capsys):
 def test_cli_errors(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_refuses_an_unknown_allocator(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "infer", "--allocator", "jemalloc"])
+    assert e.value.code == 2
+    assert "invalid choice: 'jemalloc' (choose from 'system', 'tuned')" in capsys.readouterr().err
+
+
+def test_bench_refuses_an_unknown_allocator():
+    with pytest.raises(ValueError, match="allocator must be one of system, tuned; got 'jemalloc'"):
+        bench_train("resnet20", batch=2, allocator="jemalloc", **TINY)
 
 
 def test_agreement_on_a_trained_model(tmp_path):

@@ -38,6 +38,7 @@ _LAZY = {
     "optimize_for_inference": "reslab.inference",
     "bench_train": "reslab.bench",
     "bench_infer": "reslab.bench",
+    "tune_allocator": "reslab.runtime",
     "run_experiment": "reslab.experiments",
     "ExperimentConfig": "reslab.experiments",
 }

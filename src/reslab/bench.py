@@ -8,9 +8,13 @@ Every run measures three things in the same process, so the ratios are side by s
 2. **reslab**: the model through its fast path (channels_last, bf16, BN folding, compile,
    reslab's fused BN-ReLU kernel and the multi-tensor optimizer for training, or ONNX Runtime
    for inference);
-3. the machine's **peak**: the FLOP/s of a large matmul in fp32 and bf16.
+3. the machine's **peak**: the FLOP/s of a large matmul in fp32 and bf16, the better of
+   `torch.matmul` and the same matmul as a 1×1 convolution (`matmul_rates`).
 
 Baseline and reslab repeats are interleaved (A B A B ...) so that drifting machine load hits both.
+Each measurement also counts the process's minor page faults per call: an eager model run with
+glibc's default allocator maps and zeroes its large activations afresh on every call (see
+`reslab.runtime`), and `allocator="tuned"` measures both sides without that cost.
 Achieved FLOP/s = MACs × 2 × images/s for inference, × 3 of that for training (forward + the two
 backward matmuls), reported as a fraction of the peak of the precision used.
 """
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models import complexity, create_model, model_info
+from .runtime import ALLOCATORS, allocator_tuned, minor_faults, tune_allocator
 
 # ---------------------------------------------------------------------------------------------
 # Peak: large matmul FLOP/s
@@ -35,20 +40,43 @@ from .models import complexity, create_model, model_info
 
 def matmul_peak(dtype: torch.dtype = torch.float32, device: str = "cpu", n: int | None = None,
                 repeats: int = 5) -> float:
-    """Median FLOP/s of an n×n matmul (2n³ FLOPs) in `dtype` on `device`."""
+    """FLOP/s of an n×n×n matmul (2n³ FLOPs) in `dtype` on `device`: the better of the two
+    libraries PyTorch has for it (`matmul_rates`)."""
+    return max(matmul_rates(dtype, device, n, repeats).values())
+
+
+def matmul_rates(dtype: torch.dtype = torch.float32, device: str = "cpu", n: int | None = None,
+                 repeats: int = 5) -> dict[str, float]:
+    """Median FLOP/s of the same n×n×n matmul done two ways: `torch.matmul` (the BLAS: MKL or
+    OpenBLAS on CPU, cuBLAS on GPU) and a 1×1 convolution over an n-pixel channels-last image
+    (oneDNN on CPU, cuDNN on GPU), the library the models' convolutions run in. They can differ
+    by 2×: on AMD CPUs MKL's fp32 GEMM runs its AVX2 code while oneDNN uses AVX-512."""
     n = n or (8192 if device.startswith("cuda") else 2048)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
+    image, weight = as_conv1x1(a, b)
     iters = 20 if device.startswith("cuda") else 4
-    rates = []
-    for _ in range(repeats + 1):
-        _sync(device)
-        t = time.perf_counter()
-        for _ in range(iters):
-            a @ b
-        _sync(device)
-        rates.append(2 * n**3 * iters / (time.perf_counter() - t))
-    return statistics.median(rates[1:])  # the first repeat is warm-up
+    ways = {"matmul": lambda: a @ b, "conv1x1": lambda: F.conv2d(image, weight)}
+    rates: dict[str, list[float]] = {k: [] for k in ways}
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            for way, fn in ways.items():
+                _sync(device)
+                t = time.perf_counter()
+                for _ in range(iters):
+                    fn()
+                _sync(device)
+                rates[way].append(2 * n**3 * iters / (time.perf_counter() - t))
+    return {k: statistics.median(v[1:]) for k, v in rates.items()}  # the first is warm-up
+
+
+def as_conv1x1(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, weight) with `F.conv2d(image, weight)[0, :, 0, :].t() == a @ b`: a's rows become
+    the pixels of a 1×m channels-last image, b's columns the 1×1 filters."""
+    m, k = a.shape
+    image = a.t().reshape(1, k, 1, m).contiguous(memory_format=torch.channels_last)
+    weight = b.t().reshape(b.shape[1], k, 1, 1).contiguous(memory_format=torch.channels_last)
+    return image, weight
 
 
 def _sync(device: str) -> None:
@@ -179,6 +207,7 @@ class Measurement:
     images_per_sec: float  # median over repeats
     spread: tuple[float, float]  # min, max over repeats
     repeats: list[float] = field(default_factory=list)
+    page_faults_per_call: float | None = None  # minor faults per timed call (None: not counted)
 
 
 def _interleaved(fns: dict[str, Callable[[], None]], images_per_call: int, *, warmup: int,
@@ -188,15 +217,35 @@ def _interleaved(fns: dict[str, Callable[[], None]], images_per_call: int, *, wa
             fn()
     _sync(device)
     rates: dict[str, list[float]] = {k: [] for k in fns}
+    faults: dict[str, int | None] = dict.fromkeys(fns, 0)
     for _ in range(repeats):
         for label, fn in fns.items():
             _sync(device)
+            f0 = minor_faults()
             t = time.perf_counter()
             for _ in range(iters):
                 fn()
             _sync(device)
             rates[label].append(images_per_call * iters / (time.perf_counter() - t))
-    return {k: Measurement(k, statistics.median(v), (min(v), max(v)), v) for k, v in rates.items()}
+            f1 = minor_faults()
+            faults[label] = None if f0 is None or faults[label] is None else faults[label] + f1 - f0
+    calls = repeats * iters
+    return {k: Measurement(k, statistics.median(v), (min(v), max(v)), v,
+                           None if faults[k] is None else faults[k] / calls)
+            for k, v in rates.items()}
+
+
+def _set_allocator(allocator: str) -> None:
+    """Put the process in the allocator state the bench was asked to measure."""
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"allocator must be one of {', '.join(ALLOCATORS)}; got {allocator!r}")
+    if allocator == "tuned" and not tune_allocator():
+        raise ValueError("allocator='tuned' needs glibc (Linux): its malloc cannot be tuned here; "
+                         "measure with allocator='system', or preload jemalloc/tcmalloc instead")
+    if allocator == "system" and allocator_tuned():
+        raise ValueError("this process has already tuned its allocator (reslab.tune_allocator), "
+                         "so glibc's defaults cannot be measured in it: use allocator='tuned', or "
+                         "run the system-allocator bench in a fresh process")
 
 
 @dataclass
@@ -215,14 +264,17 @@ class BenchResult:
     achieved_flops: float
     fraction_of_peak: float
     checks: dict
+    peak_detail: dict[str, dict[str, float]] = field(default_factory=dict)  # matmul_rates
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _peaks(device: str, n: int | None) -> dict[str, float]:
-    return {"fp32": matmul_peak(torch.float32, device, n),
-            "bf16": matmul_peak(torch.bfloat16, device, n)}
+def _peaks(device: str, n: int | None) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """The peak of each precision, and the rates it is the best of."""
+    detail = {"fp32": matmul_rates(torch.float32, device, n),
+              "bf16": matmul_rates(torch.bfloat16, device, n)}
+    return {k: max(v.values()) for k, v in detail.items()}, detail
 
 
 def _input_size(name: str, image_size: int | None, in_chans: int) -> tuple[int, int, int]:
@@ -273,13 +325,16 @@ def bench_infer(name: str = "resnet50", *, batch: int = 16, precision: str = "bf
                 backend: str = "torch", image_size: int | None = None, in_chans: int = 3,
                 device: str = "cpu", warmup: int = 2, repeats: int = 5, iters: int = 3,
                 peak_n: int | None = None, checkpoint: str | None = None,
-                data_dir: str | None = None) -> BenchResult:
+                data_dir: str | None = None, allocator: str = "system") -> BenchResult:
     """Inference images/s of reslab's optimised model against the eager fp32 baseline.
 
     With `checkpoint` (a trained model file or run folder) the fast path's top-1 predictions
-    are also compared with fp32's over the model's test set (`checks["test_set"]`)."""
+    are also compared with fp32's over the model's test set (`checks["test_set"]`).
+    `allocator` is "system" (glibc's defaults, as a plain script runs) or "tuned" (both sides
+    with `reslab.tune_allocator`)."""
     from .inference import optimize_for_inference
 
+    _set_allocator(allocator)
     torch.manual_seed(0)
     model = create_model(name, in_chans=in_chans).eval()
     size = _input_size(name, image_size, in_chans)
@@ -314,15 +369,15 @@ def bench_infer(name: str = "resnet50", *, batch: int = 16, precision: str = "bf
             checkpoint, dict(precision=precision, channels_last=channels_last, fold_bn=fold_bn),
             data_dir=data_dir, device=device))
     macs = complexity(model, size).macs
-    peaks = _peaks(device, peak_n)
+    peaks, peak_detail = _peaks(device, peak_n)
     achieved = 2 * macs * m["reslab"].images_per_sec
     peak = peaks["bf16" if precision in ("bf16", "fp16") else "fp32"]
     return BenchResult(
         "infer", name, batch, size, device,
         dict(precision=precision, channels_last=channels_last, fold_bn=fold_bn, compile=compile,
-             backend=backend, threads=torch.get_num_threads()),
+             backend=backend, allocator=allocator, threads=torch.get_num_threads()),
         macs, m["baseline"], m["reslab"], m["reslab"].images_per_sec / m["baseline"].images_per_sec,
-        peaks, achieved, achieved / peak, checks,
+        peaks, achieved, achieved / peak, checks, peak_detail,
     )
 
 
@@ -331,10 +386,13 @@ def bench_train(name: str = "resnet20", *, batch: int = 128, precision: str = "b
                 fused_kernels: bool = True,
                 image_size: int | None = None, in_chans: int = 3, device: str = "cpu",
                 warmup: int = 2, repeats: int = 5,
-                iters: int = 3, peak_n: int | None = None) -> BenchResult:
-    """Training images/s (forward, backward, SGD step) of reslab's step against the baseline's."""
+                iters: int = 3, peak_n: int | None = None,
+                allocator: str = "system") -> BenchResult:
+    """Training images/s (forward, backward, SGD step) of reslab's step against the baseline's;
+    `allocator` as for `bench_infer`."""
     from .train.step import fast_sgd_kwargs, make_train_step
 
+    _set_allocator(allocator)
     torch.manual_seed(0)
     model = create_model(name, in_chans=in_chans).to(device)
     size = _input_size(name, image_size, in_chans)
@@ -357,7 +415,7 @@ def bench_train(name: str = "resnet20", *, batch: int = 128, precision: str = "b
     m = _interleaved({"baseline": baseline_step, "reslab": lambda: step(xf, y)}, batch,
                      warmup=warmup, repeats=repeats, iters=iters, device=device)
     macs = complexity(model, size).macs
-    peaks = _peaks(device, peak_n)
+    peaks, peak_detail = _peaks(device, peak_n)
     achieved = 3 * 2 * macs * m["reslab"].images_per_sec
     peak = peaks["bf16" if precision in ("bf16", "fp16") else "fp32"]
     return BenchResult(
@@ -366,7 +424,7 @@ def bench_train(name: str = "resnet20", *, batch: int = 128, precision: str = "b
              compile_mode=compile_mode if compile else None,
              # what make_train_step switched on (it decides: CPU, kernel built, model has BN-ReLU)
              fused_kernels=any(getattr(m, "fused_bn_relu", False) for m in model.modules()),
-             threads=torch.get_num_threads()),
+             allocator=allocator, threads=torch.get_num_threads()),
         macs, m["baseline"], m["reslab"], m["reslab"].images_per_sec / m["baseline"].images_per_sec,
-        peaks, achieved, achieved / peak, {},
+        peaks, achieved, achieved / peak, {}, peak_detail,
     )

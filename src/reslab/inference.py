@@ -7,7 +7,11 @@ What it does, each step measurable on its own with `reslab bench infer`:
 - casts the weights to bf16 (or fp16 on GPU): on CPUs with AVX-512 bf16 and on GPUs this halves
   memory traffic and uses the low-precision matmul units; logits come back in that dtype;
 - optionally `torch.compile`s the result (fuses the ReLUs and additions into the convolutions'
-  epilogues; pays off for repeated calls, costs a one-time compilation).
+  epilogues and plans its buffers; pays off for repeated calls, costs a one-time compilation).
+
+Run eager (without `compile`), each call re-allocates its activations; with glibc's default
+malloc that costs page faults on every call, which `reslab.tune_allocator()` removes for the
+whole process (ResNet-50, batch 16, bf16 on 2 cores: 74 → 90 img/s; see `reslab.runtime`).
 """
 
 from __future__ import annotations

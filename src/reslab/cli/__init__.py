@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command != "bench":  # bench chooses with --allocator, for both sides alike
+            from reslab.runtime import tune_allocator_from_env
+
+            tune_allocator_from_env()
         return int(args.run(args) or 0)
     except (UsageError, ValueError, FileNotFoundError) as e:
         print(f"reslab {args.command}: error: {e}", file=sys.stderr)

@@ -37,6 +37,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="(infer --checkpoint) where its dataset is")
     p.add_argument("--peak-size", type=int, default=None,
                    help="side of the square matmul that measures the peak (default 2048 CPU, 8192 GPU)")
+    p.add_argument("--allocator", choices=["system", "tuned"], default="system",
+                   help="glibc malloc as a plain script gets it (system, default) or tuned to keep "
+                        "freed memory (tuned), for baseline and reslab alike; see reslab.runtime")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -60,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     common = dict(precision=args.precision, channels_last=args.channels_last,
                   compile=args.compile, image_size=args.image_size, device=args.device,
                   warmup=args.warmup, repeats=args.repeats, iters=args.iters,
-                  peak_n=args.peak_size)
+                  peak_n=args.peak_size, allocator=args.allocator)
     if args.mode == "train":
         result = bench_train(args.model or "resnet20", batch=args.batch or 128,
                              compile_mode=args.compile_mode, fused_kernels=args.fused_kernels,
@@ -91,18 +94,25 @@ def print_result(r) -> None:
 
     t = Table(title=f"reslab bench {r.mode}: {r.model}, batch {r.batch}, "
                     f"{'×'.join(map(str, r.input_size))}, {r.device}")
-    for c in ("", "images/s (median)", "min–max", "ratio"):
+    for c in ("", "images/s (median)", "min–max", "ratio", "page faults/call"):
         t.add_column(c, justify="right" if c else "left")
+
+    def faults(m) -> str:
+        return "n/a" if m.page_faults_per_call is None else f"{m.page_faults_per_call:,.0f}"
+
     t.add_row("baseline (eager fp32 NCHW)", f"{r.baseline.images_per_sec:.1f}",
-              f"{r.baseline.spread[0]:.1f}–{r.baseline.spread[1]:.1f}", "1.00×")
+              f"{r.baseline.spread[0]:.1f}–{r.baseline.spread[1]:.1f}", "1.00×", faults(r.baseline))
     settings = ", ".join(f"{k}={v}" for k, v in r.settings.items())
     t.add_row(f"reslab ({settings})", f"{r.reslab.images_per_sec:.1f}",
-              f"{r.reslab.spread[0]:.1f}–{r.reslab.spread[1]:.1f}", f"{r.speedup:.2f}×")
+              f"{r.reslab.spread[0]:.1f}–{r.reslab.spread[1]:.1f}", f"{r.speedup:.2f}×",
+              faults(r.reslab))
     console = Console()
     console.print(t)
+    ways = "; ".join(f"{p} " + ", ".join(f"{w} {v / 1e9:.0f}" for w, v in rates.items())
+                     for p, rates in r.peak_detail.items())
     console.print(
         f"peak matmul: fp32 {r.peak_flops['fp32'] / 1e9:.0f} GFLOP/s, bf16 "
-        f"{r.peak_flops['bf16'] / 1e9:.0f} GFLOP/s; reslab achieves "
+        f"{r.peak_flops['bf16'] / 1e9:.0f} GFLOP/s (best of {ways}); reslab achieves "
         f"{r.achieved_flops / 1e9:.0f} GFLOP/s = {100 * r.fraction_of_peak:.0f}% of the "
         f"{'bf16' if r.settings['precision'] != 'fp32' else 'fp32'} peak "
         f"({r.macs_per_image / 1e6:.1f} MMACs/image)"
