@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from reslab.runtime import ALLOCATORS
 from reslab.train.config import COMPILE_MODES
 
 HELP = "measure training/inference speed against a plain PyTorch baseline and the matmul peak"
@@ -37,7 +38,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="(infer --checkpoint) where its dataset is")
     p.add_argument("--peak-size", type=int, default=None,
                    help="side of the square matmul that measures the peak (default 2048 CPU, 8192 GPU)")
-    p.add_argument("--allocator", choices=["system", "tuned"], default="system",
+    p.add_argument("--allocator", choices=ALLOCATORS, default="system",
                    help="glibc malloc as a plain script gets it (system, default) or tuned to keep "
                         "freed memory (tuned), for baseline and reslab alike; see reslab.runtime")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
