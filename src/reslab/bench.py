@@ -217,7 +217,8 @@ def _interleaved(fns: dict[str, Callable[[], None]], images_per_call: int, *, wa
             fn()
     _sync(device)
     rates: dict[str, list[float]] = {k: [] for k in fns}
-    faults: dict[str, int | None] = dict.fromkeys(fns, 0)
+    counted = minor_faults() is not None  # whether this OS counts page faults at all
+    faults = dict.fromkeys(fns, 0)
     for _ in range(repeats):
         for label, fn in fns.items():
             _sync(device)
@@ -227,11 +228,11 @@ def _interleaved(fns: dict[str, Callable[[], None]], images_per_call: int, *, wa
                 fn()
             _sync(device)
             rates[label].append(images_per_call * iters / (time.perf_counter() - t))
-            f1 = minor_faults()
-            faults[label] = None if f0 is None or faults[label] is None else faults[label] + f1 - f0
+            if counted:
+                faults[label] += minor_faults() - f0
     calls = repeats * iters
     return {k: Measurement(k, statistics.median(v), (min(v), max(v)), v,
-                           None if faults[k] is None else faults[k] / calls)
+                           faults[k] / calls if counted else None)
             for k, v in rates.items()}
 
 
