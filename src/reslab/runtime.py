@@ -8,8 +8,9 @@ kernel to map and zero those pages again. Measured on the project's 2-core machi
 ResNet-50 at batch 16 and 224² took about 348,000 minor page faults and half a second of system
 time per batch: 19.6 img/s with glibc's defaults, 36.3 img/s with `tune_allocator()`. Compiled
 models plan most of their buffers and fault less (11,800 per batch; 91.4 → 99.4 img/s), and
-reslab's fast training step barely faults at all (unchanged). This is what preloading jemalloc or tcmalloc does for PyTorch; `tune_allocator` gets
-most of it from glibc itself, at run time, by keeping freed memory in the process for reuse.
+reslab's fast training step barely faults at all (unchanged). Preloading jemalloc or tcmalloc
+does this for PyTorch; `tune_allocator` gets most of it from glibc itself, at run time, by
+keeping freed memory in the process for reuse.
 The price: memory a run has freed is not returned to the operating system until it exits.
 
 The `reslab` command tunes the allocator for every subcommand except `bench`, where
