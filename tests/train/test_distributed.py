@@ -51,7 +51,8 @@ def cli_args(**values) -> list[str]:
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    # PYTHONFAULTHANDLER: a rank killed by a signal (SIGABRT, SIGSEGV) prints its Python stack.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **extra}
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:

@@ -636,6 +636,13 @@ class _Run:
         if status != "completed" or self.last_saved != (self.state.step, self.state.epoch):
             self.save()
         self.write_summary()
+        # No rank returns before rank 0 has written the run's last files: a script on any rank
+        # may read the run folder next, and a rank that tears down its process group while
+        # rank 0 is still busy is the likeliest source of the rare abort at exit (see
+        # dist._destroy). All ranks agree on completing and on being interrupted; a callback
+        # that stops one rank alone fails this wait after --dist-timeout, as it would the next
+        # gradient exchange.
+        self.dist.barrier()
         if status != "completed" and self.files is not None:
             why = signal.Signals(signum).name if signum else "a callback"
             self.reporter.message(
