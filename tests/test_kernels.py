@@ -16,7 +16,7 @@ from torch import nn
 
 import reslab.kernels as kernels
 from reslab import create_model
-from reslab.kernels import bn_relu, fusable, set_fused_bn_relu
+from reslab.kernels import bn_relu, fusable, set_fused_kernels
 from reslab.train.step import make_train_step
 
 pytestmark = pytest.mark.skipif(not kernels.available(),
@@ -162,7 +162,7 @@ def test_models_train_the_same_with_the_fused_path(name, kwargs, size, fused, co
     torch.manual_seed(4)
     model = create_model(name, num_classes=10, **kwargs).double().to(memory_format=torch.channels_last)
     ref = copy.deepcopy(model)
-    assert set_fused_bn_relu(model) > 0
+    assert set_fused_kernels(model) > 0
     x = cl(torch.randn(3, 3, size, size, dtype=torch.float64))
     out, ref_out = model(x), ref(x)
     out.square().sum().backward()
@@ -180,7 +180,7 @@ def test_the_analysis_hooks_and_lesions_see_the_plain_modules(count_fused):
     """A hook on residual_out (the residual-response experiment) and a lesioned unit keep the
     unfused order, so they observe exactly what they observe without the switch."""
     model = create_model("resnet20").to(memory_format=torch.channels_last)
-    set_fused_bn_relu(model)
+    set_fused_kernels(model)
     seen = []
     model.layer1[0].residual_out.register_forward_hook(lambda m, i, o: seen.append(o))
     model.layer2[1].lesioned = True
@@ -246,3 +246,65 @@ def test_bad_tensors_get_a_clear_error():
         ext.forward(torch.randn(8, 4, dtype=torch.float64), w, b, None, 1e-5)
     with pytest.raises(RuntimeError, match="residual must match x"):
         ext.forward(torch.randn(8, 4), w, b, torch.randn(8, 4, dtype=torch.float64), 1e-5)
+
+
+# ----------------------------------------------------------------------------- the 2×2 max-pool
+
+def pool_both(x: torch.Tensor, g_seed: int = 0):
+    """(values, input gradient) of reslab's kernel and of F.max_pool2d for the same x and grad."""
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = kernels.max_pool2x2(xa), F.max_pool2d(xb, 2)
+    g = torch.randn(ya.shape, generator=torch.Generator().manual_seed(g_seed)).to(x.dtype)
+    ya.backward(g)
+    yb.backward(g)
+    return (ya, xa.grad), (yb, xb.grad)
+
+
+# 48 channels: three 16-lane groups; 35: two and a scalar remainder; 64 in bf16: two 32-lane
+# groups of gradient bits.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("channels", [48, 35, 64])
+def test_max_pool_gives_pytorchs_values_and_gradients_bit_for_bit(dtype, channels):
+    torch.manual_seed(6)
+    x = torch.randn(3, channels, 8, 6).to(dtype)
+    x = x.round(decimals=1)  # many exact ties inside windows
+    x[0, :, :2, :2] = 0.0  # whole windows tied (what a ReLU before the pool leaves)
+    x[1, 3, 2, 2] = x[1, 3, 3, 3] = float("nan")  # two NaNs in one window: the last wins
+    x[2, 5, 4, 4] = float("-inf")
+    (ya, ga), (yb, gb) = pool_both(cl(x))
+    assert ya.is_contiguous(memory_format=torch.channels_last) and ya.dtype == dtype
+    assert torch.equal(ya.isnan(), yb.isnan()) and torch.equal(ya.nan_to_num(), yb.nan_to_num())
+    assert torch.equal(ga, gb)
+    assert int(ya.isnan().sum()) == 1
+
+
+def test_max_pool_gradcheck():
+    x = cl(torch.randn(2, 17, 4, 6, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(kernels.max_pool2x2, (x,))
+
+
+@pytest.mark.parametrize("shape, layout", [
+    ((2, 16, 5, 6), torch.channels_last),  # odd height: PyTorch drops the last row
+    ((2, 16, 6, 6), torch.contiguous_format),  # NCHW
+])
+def test_max_pool_leaves_what_it_does_not_cover_to_pytorch(shape, layout, monkeypatch):
+    x = torch.randn(shape).contiguous(memory_format=layout)
+    assert not kernels.poolable(x)
+    monkeypatch.setattr(kernels, "_MaxPool2x2", None)  # would fail if it were called
+    torch.testing.assert_close(kernels.max_pool2x2(x), F.max_pool2d(x, 2), rtol=0, atol=0)
+
+
+def test_resnet9_pools_through_the_kernel_when_switched_on(monkeypatch):
+    # eval: the BN-ReLU kernel stays out (training only), so the logits must be identical.
+    model = create_model("resnet9", widths=(8, 16, 16, 32)).to(memory_format=torch.channels_last).eval()
+    calls = []
+    real = kernels._MaxPool2x2.apply
+    monkeypatch.setattr(kernels._MaxPool2x2, "apply", lambda x: calls.append(x.shape) or real(x))
+    x = cl(torch.randn(2, 3, 32, 32))
+    ref = model(x)
+    assert calls == []
+    set_fused_kernels(model)
+    assert torch.equal(model(x), ref) and len(calls) == 3  # one pool per stage
+    set_fused_kernels(model, False)
+    model(x)
+    assert len(calls) == 3

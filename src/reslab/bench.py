@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .models import complexity, create_model, model_info
 from .runtime import ALLOCATORS, allocator_tuned, minor_faults, tune_allocator
 
@@ -423,8 +424,9 @@ def bench_train(name: str = "resnet20", *, batch: int = 128, precision: str = "b
         "train", name, batch, size, device,
         dict(precision=precision, channels_last=channels_last, compile=compile,
              compile_mode=compile_mode if compile else None,
-             # what make_train_step switched on (it decides: CPU, kernel built, model has BN-ReLU)
-             fused_kernels=any(getattr(m, "fused_bn_relu", False) for m in model.modules()),
+             # what make_train_step switched on (it decides: CPU, kernels built, model has a
+             # module they stand in for)
+             fused_kernels=any(getattr(m, s, False) for m in model.modules() for s in kernels.SWITCHES),
              allocator=allocator, threads=torch.get_num_threads()),
         macs, m["baseline"], m["reslab"], m["reslab"].images_per_sec / m["baseline"].images_per_sec,
         peaks, achieved, achieved / peak, {}, peak_detail,

@@ -5,7 +5,12 @@ forward pass and one backward pass instead of PyTorch's three kernels each way (
 threshold_backward, BN backward). It works on channels-last CPU tensors (float32, bfloat16,
 float64); anything else, and any BN it cannot stand in for exactly, goes through the modules.
 
-The C++ source (``bn_relu.cpp``) is compiled with ``torch.utils.cpp_extension`` the first time the
+``max_pool2x2(x)`` is ``F.max_pool2d(x, 2)`` (ResNet-9's pooling) with a one-byte argmax instead of
+PyTorch's int64 indices and a backward that writes each input gradient once instead of
+zero-filling and scattering; same values, same gradients, ties and NaNs resolved as PyTorch does.
+
+``set_fused_kernels(model)`` switches a model's modules to them. The C++ sources (``bn_relu.cpp``,
+``max_pool.cpp``) are compiled with ``torch.utils.cpp_extension`` the first time the
 kernel is used (about 35 s on 2 cores; cached under ``TORCH_EXTENSIONS_DIR`` or
 ``~/.cache/torch_extensions``), for the machine it runs on (``-march=native``: AVX-512 where the CPU
 has it; the build is named after the CPU's feature flags, so a shared cache never hands one CPU
@@ -27,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_SOURCE = Path(__file__).with_name("bn_relu.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("bn_relu.cpp", "max_pool.cpp")]
 _lock = threading.Lock()
 _ext = None
 _error: str | None = None
@@ -69,7 +74,7 @@ def _load():
             cpp_extension.verify_ninja_availability()
             _ext = cpp_extension.load(
                 name=f"reslab_bn_relu_{_cpu_tag()}",
-                sources=[str(_SOURCE)],
+                sources=[str(p) for p in _SOURCES],
                 extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
@@ -154,16 +159,56 @@ def bn_relu(bn: nn.BatchNorm2d, x: torch.Tensor, residual: torch.Tensor | None =
     return y
 
 
-def set_fused_bn_relu(model: nn.Module, on: bool = True) -> int:
-    """Switch the fused BN-ReLU path on (or off) in every module of ``model`` that has one.
+class _MaxPool2x2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y, idx = _load().max_pool2x2_forward(x.permute(0, 2, 3, 1))
+        ctx.save_for_backward(idx)
+        ctx.size = x.shape[2:]
+        return y.permute(0, 3, 1, 2)
 
-    Returns how many modules were switched. The path only runs where ``fusable`` holds (training
-    mode, channels-last CPU input, no hooks on the BN), so eval, export and the analysis hooks see
-    the plain modules whatever the switch says.
+    @staticmethod
+    def backward(ctx, gy):
+        (idx,) = ctx.saved_tensors
+        g = gy.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        return _load().max_pool2x2_backward(g, idx, *ctx.size).permute(0, 3, 1, 2)
+
+
+def poolable(x: torch.Tensor) -> bool:
+    """Whether ``max_pool2x2`` runs the kernel for ``x`` (else it calls PyTorch's pooling)."""
+    return (
+        x.device.type == "cpu" and x.dim() == 4
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float64)
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 and x.numel() > 0
+        and not torch.jit.is_scripting() and not torch.compiler.is_compiling()
+        and available()
+    )
+
+
+def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
+    """``F.max_pool2d(x, 2)``, through the kernel where ``poolable`` says so (its result is
+    channels-last, as PyTorch's is for channels-last input)."""
+    return _MaxPool2x2.apply(x) if poolable(x) else F.max_pool2d(x, 2)
+
+
+# The class attributes that switch a module to reslab's kernels.
+SWITCHES = ("fused_bn_relu", "fused_max_pool")
+
+
+def set_fused_kernels(model: nn.Module, on: bool = True) -> int:
+    """Switch reslab's CPU kernels on (or off) in every module of ``model`` that has one: the
+    fused BN-ReLU (``fused_bn_relu``) and the 2×2 max-pool (``fused_max_pool``).
+
+    Returns how many modules were switched. The BN-ReLU path only runs where ``fusable`` holds
+    (training mode, channels-last CPU input, no hooks on the BN) and the pooling where
+    ``poolable`` does, so eval, export and the analysis hooks see the plain modules' results
+    whatever the switch says.
     """
     n = 0
     for m in model.modules():
-        if hasattr(type(m), "fused_bn_relu"):
-            m.fused_bn_relu = on
-            n += 1
+        for switch in SWITCHES:
+            if hasattr(type(m), switch):
+                setattr(m, switch, on)
+                n += 1
     return n

@@ -388,7 +388,14 @@ std::vector<at::Tensor> backward(const at::Tensor& g, const at::Tensor& x,
 
 }  // namespace
 
+// max_pool.cpp, built into the same extension.
+std::vector<at::Tensor> max_pool2x2_forward(const at::Tensor& x);
+at::Tensor max_pool2x2_backward(const at::Tensor& g, const at::Tensor& idx, int64_t height,
+                                int64_t width);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "BN (training) + optional residual + ReLU, channels-last rows");
   m.def("backward", &backward, "backward of forward()");
+  m.def("max_pool2x2_forward", &max_pool2x2_forward, "2x2/2 max-pool of (N, H, W, C) -> (y, uint8 argmax)");
+  m.def("max_pool2x2_backward", &max_pool2x2_backward, "backward of max_pool2x2_forward()");
 }

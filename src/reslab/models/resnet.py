@@ -66,7 +66,7 @@ class ResidualUnit(nn.Module):
 
     expansion = 1
     # BN-ReLU (and the original unit's BN-add-ReLU) through reslab.kernels when training on a CPU;
-    # switched by reslab.kernels.set_fused_bn_relu.
+    # switched by reslab.kernels.set_fused_kernels.
     fused_bn_relu = False
 
     def __init__(

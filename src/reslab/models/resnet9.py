@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import bn_relu
+from ..kernels import bn_relu, max_pool2x2
 from .layers import check_input
 from .registry import register_model
 
@@ -28,7 +28,7 @@ PAGE = "Page 2018, DAWNBench ResNet-9 (myrtle.ai, 'How to train your ResNet')"
 class ConvBN(nn.Sequential):
     """3×3 conv (no bias: BN follows) → BN → ReLU, as a Sequential (its weights are ``0.*``, ``1.*``).
 
-    With ``fused_bn_relu`` set (reslab.kernels.set_fused_bn_relu) BN and ReLU run as one kernel
+    With ``fused_bn_relu`` set (reslab.kernels.set_fused_kernels) BN and ReLU run as one kernel
     while training on a CPU.
     """
 
@@ -55,11 +55,24 @@ class Residual(nn.Module):
         return x + self.conv2(self.conv1(x))
 
 
+class MaxPool(nn.MaxPool2d):
+    """2×2 max-pooling; with ``fused_max_pool`` set (reslab.kernels.set_fused_kernels) through
+    reslab's CPU kernel, which computes the same values and gradients faster."""
+
+    fused_max_pool = False
+
+    def __init__(self) -> None:
+        super().__init__(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return max_pool2x2(x) if self.fused_max_pool else super().forward(x)
+
+
 class Stage(nn.Sequential):
     """conv-BN-ReLU to the new width, 2×2 max-pool, then an optional residual unit."""
 
     def __init__(self, c_in: int, c_out: int, residual: bool) -> None:
-        layers = [ConvBN(c_in, c_out), nn.MaxPool2d(2)]
+        layers = [ConvBN(c_in, c_out), MaxPool()]
         if residual:
             layers.append(Residual(c_out))
         super().__init__(*layers)

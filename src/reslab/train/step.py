@@ -95,11 +95,11 @@ def make_train_step(
     device_type = next(model.parameters()).device.type
     fuse = fused_kernels and device_type == "cpu"
     if fuse and not kernels.available():
-        warnings.warn(f"reslab's fused BN-ReLU kernel is not available ({kernels.unavailable_reason()}); "
+        warnings.warn(f"reslab's fused CPU kernels are not available ({kernels.unavailable_reason()}); "
                       "training with the standard modules. Install a C++ compiler and ninja "
                       "(pip install ninja) to use it.", stacklevel=2)
         fuse = False
-    kernels.set_fused_bn_relu(model, fuse)
+    kernels.set_fused_kernels(model, fuse)
     # Static shapes (the loop drops a short last batch), so no dynamic-shape recompiles; with
     # mode="reduce-overhead" the forward and backward replay as CUDA graphs, which is safe here
     # because the step reads its outputs (loss, argmax) before the next replay overwrites them.
