@@ -278,9 +278,23 @@ def test_max_pool_gives_pytorchs_values_and_gradients_bit_for_bit(dtype, channel
     assert int(ya.isnan().sum()) == 1
 
 
-def test_max_pool_gradcheck():
+def test_max_pool_gradcheck_and_no_silent_double_backward():
     x = cl(torch.randn(2, 17, 4, 6, dtype=torch.float64, requires_grad=True))
     assert torch.autograd.gradcheck(kernels.max_pool2x2, (x,))
+    y = kernels.max_pool2x2(x)
+    v = torch.randn_like(y, requires_grad=True)
+    (g,) = torch.autograd.grad(y, x, v, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()
+
+
+def test_a_traced_model_records_pytorchs_pooling():
+    model = create_model("resnet9", widths=(8, 16, 16, 32)).to(memory_format=torch.channels_last).eval()
+    set_fused_kernels(model)
+    x = cl(torch.randn(1, 3, 32, 32))
+    traced = torch.jit.trace(model, x)
+    assert "max_pool2d" in str(traced.inlined_graph) and "PythonOp" not in str(traced.inlined_graph)
+    torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("shape, layout", [

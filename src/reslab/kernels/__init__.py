@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("bn_relu.cpp", "max_pool.cpp")]
 _lock = threading.Lock()
@@ -161,13 +162,14 @@ def bn_relu(bn: nn.BatchNorm2d, x: torch.Tensor, residual: torch.Tensor | None =
 
 class _MaxPool2x2(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x):  # the backward is not differentiable itself: no double backward
         y, idx = _load().max_pool2x2_forward(x.permute(0, 2, 3, 1))
         ctx.save_for_backward(idx)
         ctx.size = x.shape[2:]
         return y.permute(0, 3, 1, 2)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gy):
         (idx,) = ctx.saved_tensors
         g = gy.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
@@ -181,7 +183,9 @@ def poolable(x: torch.Tensor) -> bool:
         and x.dtype in (torch.float32, torch.bfloat16, torch.float64)
         and x.is_contiguous(memory_format=torch.channels_last)
         and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 and x.numel() > 0
-        and not torch.jit.is_scripting() and not torch.compiler.is_compiling()
+        # Tracing and export record PyTorch's op, which exporters know.
+        and not torch.jit.is_scripting() and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
         and available()
     )
 
