@@ -118,3 +118,6 @@ def test_agreement_on_a_trained_model(tmp_path):
     assert a.top1_agreement == 1.0  # fp32 BN folding does not move any prediction here
     b = agreement(str(run), dict(precision="bf16", channels_last=True, fold_bn=True))
     assert b.fp32_top1_error == a.fp32_top1_error and 0.9 <= b.top1_agreement <= 1
+    # The compiled path (frozen weights, fused post-ops) is what `bench infer --compile` times.
+    c = agreement(str(run), dict(precision="fp32", channels_last=True, fold_bn=True, compile=True))
+    assert c.top1_agreement == 1.0 and c.fast_top1_error == a.fast_top1_error

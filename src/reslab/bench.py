@@ -330,8 +330,8 @@ def bench_infer(name: str = "resnet50", *, batch: int = 16, precision: str = "bf
                 data_dir: str | None = None, allocator: str = "system") -> BenchResult:
     """Inference images/s of reslab's optimised model against the eager fp32 baseline.
 
-    With `checkpoint` (a trained model file or run folder) the fast path's top-1 predictions
-    are also compared with fp32's over the model's test set (`checks["test_set"]`).
+    With `checkpoint` (a trained model file or run folder) the fast path (compiled too, with
+    `compile`) is also compared with fp32 on the model's test set (`checks["test_set"]`).
     `allocator` is "system" (glibc's defaults, as a plain script runs) or "tuned" (both sides
     with `reslab.tune_allocator`)."""
     from .inference import optimize_for_inference
@@ -368,7 +368,8 @@ def bench_infer(name: str = "resnet50", *, batch: int = 16, precision: str = "bf
     del check_model
     if checkpoint is not None:
         checks["test_set"] = asdict(agreement(
-            checkpoint, dict(precision=precision, channels_last=channels_last, fold_bn=fold_bn),
+            checkpoint, dict(precision=precision, channels_last=channels_last, fold_bn=fold_bn,
+                             compile=compile),
             data_dir=data_dir, device=device))
     macs = complexity(model, size).macs
     peaks, peak_detail = _peaks(device, peak_n)
