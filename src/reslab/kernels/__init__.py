@@ -162,14 +162,14 @@ def bn_relu(bn: nn.BatchNorm2d, x: torch.Tensor, residual: torch.Tensor | None =
 
 class _MaxPool2x2(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):  # the backward is not differentiable itself: no double backward
+    def forward(ctx, x):
         y, idx = _load().max_pool2x2_forward(x.permute(0, 2, 3, 1))
         ctx.save_for_backward(idx)
         ctx.size = x.shape[2:]
         return y.permute(0, 3, 1, 2)
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable  # the C++ backward records no graph: refuse double backward
     def backward(ctx, gy):
         (idx,) = ctx.saved_tensors
         g = gy.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)

@@ -97,7 +97,7 @@ def make_train_step(
     if fuse and not kernels.available():
         warnings.warn(f"reslab's fused CPU kernels are not available ({kernels.unavailable_reason()}); "
                       "training with the standard modules. Install a C++ compiler and ninja "
-                      "(pip install ninja) to use it.", stacklevel=2)
+                      "(pip install ninja) to use them.", stacklevel=2)
         fuse = False
     kernels.set_fused_kernels(model, fuse)
     # Static shapes (the loop drops a short last batch), so no dynamic-shape recompiles; with
