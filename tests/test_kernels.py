@@ -261,12 +261,14 @@ def pool_both(x: torch.Tensor, g_seed: int = 0):
 
 
 # 48 channels: three 16-lane groups; 35: two and a scalar remainder; 64 in bf16: two 32-lane
-# groups of gradient bits.
+# groups of gradient bits. An odd side drops its last row/column (PyTorch's floor mode), which
+# then gets a zero gradient.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("channels", [48, 35, 64])
-def test_max_pool_gives_pytorchs_values_and_gradients_bit_for_bit(dtype, channels):
+@pytest.mark.parametrize("size", [(8, 6), (7, 6), (8, 7), (7, 5)])
+def test_max_pool_gives_pytorchs_values_and_gradients_bit_for_bit(dtype, channels, size):
     torch.manual_seed(6)
-    x = torch.randn(3, channels, 8, 6).to(dtype)
+    x = torch.randn(3, channels, *size).to(dtype)
     x = x.round(decimals=1)  # many exact ties inside windows
     x[0, :, :2, :2] = 0.0  # whole windows tied (what a ReLU before the pool leaves)
     x[1, 3, 2, 2] = x[1, 3, 3, 3] = float("nan")  # two NaNs in one window: the last wins
@@ -279,7 +281,7 @@ def test_max_pool_gives_pytorchs_values_and_gradients_bit_for_bit(dtype, channel
 
 
 def test_max_pool_gradcheck_and_no_silent_double_backward():
-    x = cl(torch.randn(2, 17, 4, 6, dtype=torch.float64, requires_grad=True))
+    x = cl(torch.randn(2, 17, 5, 7, dtype=torch.float64, requires_grad=True))
     assert torch.autograd.gradcheck(kernels.max_pool2x2, (x,))
     y = kernels.max_pool2x2(x)
     v = torch.randn_like(y, requires_grad=True)
@@ -297,12 +299,12 @@ def test_a_traced_model_records_pytorchs_pooling():
     torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("shape, layout", [
-    ((2, 16, 5, 6), torch.channels_last),  # odd height: PyTorch drops the last row
-    ((2, 16, 6, 6), torch.contiguous_format),  # NCHW
+@pytest.mark.parametrize("shape, layout, dtype", [
+    ((2, 16, 6, 6), torch.contiguous_format, torch.float32),  # NCHW
+    ((2, 16, 6, 6), torch.channels_last, torch.float16),
 ])
-def test_max_pool_leaves_what_it_does_not_cover_to_pytorch(shape, layout, monkeypatch):
-    x = torch.randn(shape).contiguous(memory_format=layout)
+def test_max_pool_leaves_what_it_does_not_cover_to_pytorch(shape, layout, dtype, monkeypatch):
+    x = torch.randn(shape).to(dtype).contiguous(memory_format=layout)
     assert not kernels.poolable(x)
     monkeypatch.setattr(kernels, "_MaxPool2x2", None)  # would fail if it were called
     torch.testing.assert_close(kernels.max_pool2x2(x), F.max_pool2d(x, 2), rtol=0, atol=0)

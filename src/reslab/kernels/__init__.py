@@ -182,7 +182,7 @@ def poolable(x: torch.Tensor) -> bool:
         x.device.type == "cpu" and x.dim() == 4
         and x.dtype in (torch.float32, torch.bfloat16, torch.float64)
         and x.is_contiguous(memory_format=torch.channels_last)
-        and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 and x.numel() > 0
+        and x.shape[2] >= 2 and x.shape[3] >= 2 and x.numel() > 0
         # Tracing and export record PyTorch's op, which exporters know.
         and not torch.jit.is_scripting() and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()

@@ -7,7 +7,8 @@
 // element exactly once (the gradient at the argmax, zero elsewhere). The windows do not overlap,
 // so nothing accumulates. Ties and NaNs follow PyTorch's CPU kernel: a later element replaces the
 // current maximum when it is greater or NaN, so the first of equal maxima and the last NaN win.
-// Tensors are seen as (N, H, W, C), which is what channels-last memory is; H and W are even.
+// Tensors are seen as (N, H, W, C), which is what channels-last memory is. An odd height or width
+// drops its last row or column, as PyTorch's default (floor) mode does; its gradient is zero.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -129,9 +130,17 @@ void backward_impl(const at::Tensor& g, const at::Tensor& idx, at::Tensor& dx) {
   const Bits* gp = reinterpret_cast<const Bits*>(g.data_ptr());
   const uint8_t* ip = idx.data_ptr<uint8_t>();
   Bits* dp = reinterpret_cast<Bits*>(dx.data_ptr());
+  const size_t pixel = C * sizeof(Bits);
   at::parallel_for(0, N * OH, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / OH, oh = r % OH;
+      // what the windows do not cover: the last column of these two rows (odd W), and the last
+      // row of the image (odd H), written by the task that owns its last window row
+      if (W % 2) {
+        std::memset(dp + ((n * H + 2 * oh) * W + W - 1) * C, 0, pixel);
+        std::memset(dp + ((n * H + 2 * oh + 1) * W + W - 1) * C, 0, pixel);
+      }
+      if (H % 2 && oh == OH - 1) std::memset(dp + ((n * H + H - 1) * W) * C, 0, W * pixel);
       for (int64_t ow = 0; ow < OW; ++ow) {
         const Bits* go = gp + (r * OW + ow) * C;
         const uint8_t* io = ip + (r * OW + ow) * C;
@@ -169,7 +178,7 @@ void backward_impl(const at::Tensor& g, const at::Tensor& idx, at::Tensor& dx) {
 
 std::vector<at::Tensor> max_pool2x2_forward(const at::Tensor& x) {
   check_nhwc(x, "x");
-  TORCH_CHECK(x.size(1) % 2 == 0 && x.size(2) % 2 == 0, "height and width must be even");
+  TORCH_CHECK(x.size(1) >= 2 && x.size(2) >= 2, "height and width must be at least 2");
   auto y = at::empty({x.size(0), x.size(1) / 2, x.size(2) / 2, x.size(3)}, x.options());
   auto idx = at::empty(y.sizes(), x.options().dtype(at::kByte));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "max_pool2x2_forward", [&] {
@@ -184,7 +193,8 @@ at::Tensor max_pool2x2_backward(const at::Tensor& g, const at::Tensor& idx, int6
   check_nhwc(idx, "indices");
   TORCH_CHECK(idx.sizes() == g.sizes() && idx.scalar_type() == at::kByte,
               "indices must be uint8 and match grad");
-  TORCH_CHECK(height == 2 * g.size(1) && width == 2 * g.size(2), "input size must be twice grad's");
+  TORCH_CHECK(height / 2 == g.size(1) && width / 2 == g.size(2),
+              "input size must be twice grad's (plus one for an odd side)");
   auto dx = at::empty({g.size(0), height, width, g.size(3)}, g.options());
   switch (g.element_size()) {
     case 2: backward_impl<uint16_t>(g, idx, dx); break;

@@ -67,7 +67,7 @@ def check_input(x: torch.Tensor, in_chans: int, min_size: int, model: str) -> No
     if x.ndim != 4 or x.shape[1] != in_chans or x.shape[-1] < min_size or x.shape[-2] < min_size:
         raise ValueError(
             f"{model} expects input of shape (N, {in_chans}, H, W) with H, W >= {min_size} "
-            f"(its total stride), got {tuple(x.shape)}. "
+            f"(smaller images vanish in its downsampling), got {tuple(x.shape)}. "
             + (
                 f"Create the model with in_chans={x.shape[1]} for {x.shape[1]}-channel images."
                 if x.ndim == 4 and x.shape[1] != in_chans
@@ -86,3 +86,68 @@ def he_init(module: nn.Module) -> None:
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+class PatchWhitening(nn.Conv2d):
+    """A fixed k×k convolution whose filters whiten the image's k×k patches (PCA whitening).
+
+    The patches of the input (C·k·k values each) are projected onto the eigenvectors of their
+    second-moment matrix and scaled by 1/sqrt(eigenvalue + eps), so the outputs are decorrelated
+    with unit variance; each filter comes with its negation (2·C·k·k outputs), so a ReLU after
+    the next layer sees both signs. The fast CIFAR-10 recipes whiten the input this way (Page 2018,
+    "How to train your ResNet 8"; Jordan 2024, airbench): the first trained layer then sees
+    inputs whose directions all vary alike, which lets a high learning rate work from the start.
+
+    The filters are not trained (``requires_grad`` is False, so optimizers built from the
+    trainable parameters leave them alone) and are saved with the model; the bias (zero at
+    first) is, so the activation that follows can learn where to cut each direction. Until `fit` sees data
+    they whiten independent unit-variance pixels, i.e. they pass each pixel through with both
+    signs; ``reslab train`` fits them to the training images before the first step.
+    No padding: the output is k-1 pixels smaller than the input.
+    """
+
+    def __init__(self, in_chans: int, patch: int = 2, eps: float = 5e-4) -> None:
+        dim = in_chans * patch * patch
+        super().__init__(in_chans, 2 * dim, patch)
+        self.eps = eps
+        self.weight.requires_grad_(False)
+        nn.init.zeros_(self.bias)
+        self.register_buffer("fitted", torch.tensor(False))
+        self._set(torch.ones(dim, dtype=torch.float64), torch.eye(dim, dtype=torch.float64))
+
+    def _set(self, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor) -> None:
+        # largest variance first; the rows of `filters` are the scaled eigenvectors
+        order = eigenvalues.argsort(descending=True, stable=True)
+        filters = eigenvectors[:, order].T / (eigenvalues[order].clamp(min=0) + self.eps).sqrt()[:, None]
+        with torch.no_grad():
+            self.weight.copy_(torch.cat([filters, -filters]).view_as(self.weight))
+
+    @torch.no_grad()
+    def fit(self, images: torch.Tensor, chunk: int = 1000) -> PatchWhitening:
+        """Fit the filters to `images` (N, C, H, W), normalised as the model will see them."""
+        c, k = self.in_channels, self.kernel_size[0]
+        if images.dim() != 4 or images.shape[1] != c or min(images.shape[-2:]) < k:
+            raise ValueError(f"PatchWhitening.fit needs images of shape (N, {c}, H, W) with H, W >= "
+                             f"{k}, got {tuple(images.shape)}")
+        dim = c * k * k
+        moment = torch.zeros(dim, dim, dtype=torch.float64)
+        count = 0
+        for batch in images.split(chunk):
+            patches = F.unfold(batch.float().cpu(), k).transpose(1, 2).reshape(-1, dim).double()
+            moment += patches.T @ patches
+            count += len(patches)
+        self._set(*torch.linalg.eigh(moment / count))
+        self.fitted.fill_(True)
+        return self
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", eps={self.eps}, fitted={bool(self.fitted)}"
+
+
+def fit_whitening(model: nn.Module, images: torch.Tensor) -> int:
+    """Fit every not yet fitted `PatchWhitening` in `model` to `images` (normalised, N×C×H×W);
+    returns how many it fitted. Modules fitted before (e.g. loaded from a checkpoint) are kept."""
+    layers = [m for m in model.modules() if isinstance(m, PatchWhitening) and not m.fitted]
+    for m in layers:
+        m.fit(images)
+    return len(layers)

@@ -9,6 +9,11 @@ without changing the architecture) finish it. 6,573,120 parameters, 0.38 GMACs a
 times ResNet-20's arithmetic, but reaching 94% on CIFAR-10 in 24 epochs where ResNet-20 needs
 160 epochs for 91%.
 
+``whiten=k`` puts a `PatchWhitening` layer (fixed k×k filters that whiten the input's patches,
+fitted to the training images by ``reslab train``; then a ReLU) in front of the stem, the input
+whitening of Page's and airbench's fastest recipes: ``whiten=2`` feeds the stem 24 channels at
+31×31 instead of 3 at 32×32.
+
 Module names follow the other families where they can (``stem``, ``layer1..3``, ``fc``), and
 ``forward_stages``/``num_stages`` make it a `features_only` backbone.
 """
@@ -19,7 +24,7 @@ import torch
 from torch import nn
 
 from ..kernels import bn_relu, max_pool2x2
-from .layers import check_input
+from .layers import PatchWhitening, check_input
 from .registry import register_model
 
 PAGE = "Page 2018, DAWNBench ResNet-9 (myrtle.ai, 'How to train your ResNet')"
@@ -82,16 +87,21 @@ class ResNet9(nn.Module):
     def __init__(self, *, num_classes: int = 10, in_chans: int = 3,
                  widths: tuple[int, int, int, int] = (64, 128, 256, 512),
                  residual: tuple[bool, bool, bool] = (True, False, True),
-                 logit_scale: float = 0.125) -> None:
+                 logit_scale: float = 0.125, whiten: int = 0) -> None:
         super().__init__()
         if len(widths) != 4 or len(residual) != 3:
             raise ValueError(f"ResNet9 takes 4 widths (stem + 3 stages) and 3 residual flags, got "
                              f"widths={widths}, residual={residual}")
         self.in_chans = in_chans
-        self.min_input_size = 8  # three 2× poolings
+        if whiten < 0:
+            raise ValueError(f"whiten is the side of the whitened patches (0: no whitening layer), got {whiten}")
+        # three 2× poolings, after a whitening layer that takes whiten-1 pixels off each side
+        self.min_input_size = 8 + max(whiten - 1, 0)
         self.num_stages = 3
         self.logit_scale = logit_scale
-        self.stem = ConvBN(in_chans, widths[0])
+        if whiten:
+            self.whiten = PatchWhitening(in_chans, whiten)
+        self.stem = ConvBN(self.whiten.out_channels if whiten else in_chans, widths[0])
         self.layer1 = Stage(widths[0], widths[1], residual[0])
         self.layer2 = Stage(widths[1], widths[2], residual[1])
         self.layer3 = Stage(widths[2], widths[3], residual[2])
@@ -100,6 +110,8 @@ class ResNet9(nn.Module):
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         check_input(x, self.in_chans, self.min_input_size, type(self).__name__)
+        if hasattr(self, "whiten"):
+            x = torch.relu(self.whiten(x))
         x = self.stem(x)
         out = []
         for layer in (self.layer1, self.layer2, self.layer3):

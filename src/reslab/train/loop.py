@@ -212,6 +212,8 @@ def fit(
     step budget is spent, when a callback raises `StopTraining`, or on SIGINT/SIGTERM (after
     saving a checkpoint). Raises `TrainingDiverged` when the loss stops being finite.
     """
+    if not resume:
+        fit_to_data(model, data)
     run = _Run(model, data, resolve_config(config, data), run_dir, dist or DistContext(), reporter, callbacks)
     with run.torch_settings(), _SignalGuard() as signals:
         if resume:
@@ -250,6 +252,25 @@ def fit(
 
 
 # ----------------------------------------------------------------------------- config → objects
+
+WHITENING_IMAGES = 10_000  # training images the input-whitening layers are fitted to
+
+
+def fit_to_data(model: nn.Module, data: DatasetBundle, limit: int = WHITENING_IMAGES) -> int:
+    """Fit the model's data-dependent layers (`PatchWhitening`) that are not fitted yet to the
+    first `limit` training images, normalised as training normalises them; returns how many.
+    Deterministic, so every rank of a distributed run fits the same filters."""
+    from ..models.layers import PatchWhitening, fit_whitening
+
+    if not any(isinstance(m, PatchWhitening) and not m.fitted for m in model.modules()):
+        return 0
+    n = min(limit, len(data.train))
+    if isinstance(data.train, InMemoryDataset):
+        images = data.train.images[:n].cpu()
+    else:  # a folder dataset decodes each image: fewer of them
+        images = torch.stack([data.train[i][0] for i in range(min(n, 1000))])
+    return fit_whitening(model, normalize(images, data.mean, data.std))
+
 
 def load_data(config: TrainConfig) -> DatasetBundle:
     return load_dataset(
