@@ -81,7 +81,8 @@ def test_resnet9_with_whitening_feeds_the_stem_24_channels_one_pixel_smaller():
     # 24 fixed filters of 3×2×2 plus their 24 biases; the stem's conv takes 24 channels, not 3
     extra = 24 * 12 + 24 + (24 - 3) * 64 * 9
     assert sum(p.numel() for p in model.parameters()) == 6_573_120 + extra
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 6_573_120 + extra - 24 * 12
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == 6_573_120 + extra - 24 * 12
     seen = {}
     model.stem.register_forward_hook(lambda m, i, o: seen.update(stem=o.shape))
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)

@@ -93,16 +93,16 @@ class PatchWhitening(nn.Conv2d):
 
     The patches of the input (C·k·k values each) are projected onto the eigenvectors of their
     second-moment matrix and scaled by 1/sqrt(eigenvalue + eps), so the outputs are decorrelated
-    with unit variance; each filter comes with its negation (2·C·k·k outputs), so a ReLU after
-    the next layer sees both signs. The fast CIFAR-10 recipes whiten the input this way (Page 2018,
+    with unit variance; each filter comes with its negation (2·C·k·k outputs), so a ReLU that
+    follows keeps both signs. The fast CIFAR-10 recipes whiten the input this way (Page 2018,
     "How to train your ResNet 8"; Jordan 2024, airbench): the first trained layer then sees
     inputs whose directions all vary alike, which lets a high learning rate work from the start.
 
     The filters are not trained (``requires_grad`` is False, so optimizers built from the
     trainable parameters leave them alone) and are saved with the model; the bias (zero at
-    first) is, so the activation that follows can learn where to cut each direction. Until `fit` sees data
-    they whiten independent unit-variance pixels, i.e. they pass each pixel through with both
-    signs; ``reslab train`` fits them to the training images before the first step.
+    first) is, so the activation that follows can learn where to cut each direction. Until `fit`
+    sees data they whiten independent unit-variance pixels, i.e. they pass each pixel through
+    with both signs; ``reslab train`` fits them to the training images before the first step.
     No padding: the output is k-1 pixels smaller than the input.
     """
 
@@ -118,7 +118,8 @@ class PatchWhitening(nn.Conv2d):
     def _set(self, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor) -> None:
         # largest variance first; the rows of `filters` are the scaled eigenvectors
         order = eigenvalues.argsort(descending=True, stable=True)
-        filters = eigenvectors[:, order].T / (eigenvalues[order].clamp(min=0) + self.eps).sqrt()[:, None]
+        std = (eigenvalues[order].clamp(min=0) + self.eps).sqrt()
+        filters = eigenvectors[:, order].T / std[:, None]
         with torch.no_grad():
             self.weight.copy_(torch.cat([filters, -filters]).view_as(self.weight))
 
@@ -127,8 +128,8 @@ class PatchWhitening(nn.Conv2d):
         """Fit the filters to `images` (N, C, H, W), normalised as the model will see them."""
         c, k = self.in_channels, self.kernel_size[0]
         if images.dim() != 4 or images.shape[1] != c or min(images.shape[-2:]) < k:
-            raise ValueError(f"PatchWhitening.fit needs images of shape (N, {c}, H, W) with H, W >= "
-                             f"{k}, got {tuple(images.shape)}")
+            raise ValueError(f"PatchWhitening.fit needs images of shape (N, {c}, H, W) with "
+                             f"H, W >= {k}, got {tuple(images.shape)}")
         dim = c * k * k
         moment = torch.zeros(dim, dim, dtype=torch.float64)
         count = 0
@@ -144,10 +145,15 @@ class PatchWhitening(nn.Conv2d):
         return super().extra_repr() + f", eps={self.eps}, fitted={bool(self.fitted)}"
 
 
+def unfitted_whitening(model: nn.Module) -> list[PatchWhitening]:
+    """The `PatchWhitening` layers of `model` that have not seen data yet."""
+    return [m for m in model.modules() if isinstance(m, PatchWhitening) and not m.fitted]
+
+
 def fit_whitening(model: nn.Module, images: torch.Tensor) -> int:
     """Fit every not yet fitted `PatchWhitening` in `model` to `images` (normalised, N×C×H×W);
     returns how many it fitted. Modules fitted before (e.g. loaded from a checkpoint) are kept."""
-    layers = [m for m in model.modules() if isinstance(m, PatchWhitening) and not m.fitted]
+    layers = unfitted_whitening(model)
     for m in layers:
         m.fit(images)
     return len(layers)

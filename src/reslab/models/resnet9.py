@@ -94,7 +94,8 @@ class ResNet9(nn.Module):
                              f"widths={widths}, residual={residual}")
         self.in_chans = in_chans
         if whiten < 0:
-            raise ValueError(f"whiten is the side of the whitened patches (0: no whitening layer), got {whiten}")
+            raise ValueError("whiten is the side of the whitened patches (0: no whitening layer), "
+                             f"got {whiten}")
         # three 2× poolings, after a whitening layer that takes whiten-1 pixels off each side
         self.min_input_size = 8 + max(whiten - 1, 0)
         self.num_stages = 3

@@ -260,9 +260,9 @@ def fit_to_data(model: nn.Module, data: DatasetBundle, limit: int = WHITENING_IM
     """Fit the model's data-dependent layers (`PatchWhitening`) that are not fitted yet to the
     first `limit` training images, normalised as training normalises them; returns how many.
     Deterministic, so every rank of a distributed run fits the same filters."""
-    from ..models.layers import PatchWhitening, fit_whitening
+    from ..models.layers import fit_whitening, unfitted_whitening
 
-    if not any(isinstance(m, PatchWhitening) and not m.fitted for m in model.modules()):
+    if not unfitted_whitening(model):  # nothing to fit: skip normalising the images
         return 0
     n = min(limit, len(data.train))
     if isinstance(data.train, InMemoryDataset):
