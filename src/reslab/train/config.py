@@ -83,6 +83,11 @@ class TrainConfig:
     weight_decay: float = _f("L2 weight decay", default=1e-4, minimum=0.0)
     decay_bn_bias: bool = _f("apply weight decay to BN parameters and biases too",
                              default=True)
+    freeze_bn_scale: bool = _f("keep every BatchNorm's scale at its initial 1 (not trained), as "
+                               "Page's and airbench's fast recipes do", default=False)
+    bn_shift_lr: float = _f("multiply the learning rate of BatchNorm shifts by this, dividing "
+                            "their weight decay by it (the same decay per step); airbench: 64, "
+                            "with frozen scales", default=1.0, minimum=0.0, exclusive=True)
     label_smoothing: float = _f("label smoothing of the cross-entropy", default=0.0, minimum=0.0)
     schedule: str = _f("lr schedule", default="step", choices=SCHEDULES)
     milestones: tuple[float, ...] = _f("step schedule: where the lr is multiplied by lr_decay",

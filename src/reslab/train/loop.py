@@ -44,7 +44,7 @@ from .progress import Reporter, make_reporter
 from .runs import (EpochMetrics, RunFiles, check_new_run_dir, load_checkpoint, new_run_dir, plot_curves,
                    read_config, save_checkpoint, write_config, write_metrics)
 from .schedule import ErrorWarmup, build_schedule
-from .step import EMA, StepOutput, make_optimizer, make_train_step
+from .step import EMA, StepOutput, freeze_bn_scales, make_optimizer, make_train_step
 
 
 class StopTraining(Exception):
@@ -227,7 +227,7 @@ def fit(
                 for x8, y in run.epoch_batches():
                     run.state.lr = run.lr()
                     for group in run.optimizer.param_groups:
-                        group["lr"] = run.state.lr
+                        group["lr"] = run.state.lr * group.get("lr_scale", 1.0)
                     x = normalize(augment_batch(x8, run.augment, run.aug_gen), data.mean, data.std,
                                   channels_last=run.config.channels_last)
                     out = run.train_step(x, y)
@@ -395,6 +395,8 @@ class _Run:
         # `plain` is what the caller gets back; the DDP wrapper made here must not outlive `fit`
         # (see dist._destroy).
         self.plain = model.to(self.device)
+        if config.freeze_bn_scale:  # before DDP, which reduces the gradients of what trains
+            freeze_bn_scales(self.plain)
         model = self.model = wrap_model(self.plain, dist, self.device, sync_bn=config.sync_bn,
                                         channels_last=config.channels_last)
         if dist.rank > 0:

@@ -15,6 +15,7 @@ from typing import Callable, ContextManager
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import kernels
 from ..checkpoint import _unwrap
@@ -45,9 +46,17 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
 
     Every tensor of dimension <= 1 is a BN scale/shift or a bias; decaying them shrinks the scale
     of the normalised activations rather than regularising a mapping (Goyal et al. 2017, Sec. 5.1;
-    the "no bias decay" of Jia et al. 2018).
+    the "no bias decay" of Jia et al. 2018). With ``config.bn_shift_lr`` other than 1 the BN shifts
+    form a group of their own whose ``lr_scale`` the training loop multiplies the scheduled lr
+    by, with the weight decay divided by it so that the decay per step stays the same.
+    Parameters that do not require gradients (frozen BN scales, whitening filters) are left out.
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device if params else torch.device("cpu")
+    shift_ids = ({id(m.bias) for m in model.modules() if isinstance(m, _BatchNorm) and m.bias is not None}
+                 if config.bn_shift_lr != 1 else set())
+    shifts = [p for p in params if id(p) in shift_ids]
+    params = [p for p in params if id(p) not in shift_ids]
     if not config.decay_bn_bias:
         groups = [
             {"params": [p for p in params if p.ndim > 1], "weight_decay": config.weight_decay},
@@ -55,11 +64,33 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
         ]
     else:
         groups = [{"params": params, "weight_decay": config.weight_decay}]
-    device = params[0].device if params else torch.device("cpu")
+    if shifts:
+        decay = config.weight_decay if config.decay_bn_bias else 0.0
+        groups.append({"params": shifts, "weight_decay": decay / config.bn_shift_lr,
+                       "lr_scale": config.bn_shift_lr})
     return torch.optim.SGD(
         groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
         dampening=0.0, **fast_sgd_kwargs(device),
     )
+
+
+def freeze_bn_scales(model: nn.Module) -> int:
+    """Stop training every BatchNorm scale (Page's and airbench's fast recipes keep them at 1).
+
+    Returns how many were frozen. A scale that is all zeros (``zero_init_residual``) would switch
+    its residual branch off for good, so that is an error.
+    """
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.weight is not None]
+    zero = [name for name, m in model.named_modules() if m in norms and not m.weight.detach().any()]
+    if zero:
+        raise ValueError(
+            f"freeze_bn_scale would keep the all-zero BatchNorm scale of {', '.join(zero[:3])}"
+            f"{' ...' if len(zero) > 3 else ''} at zero, switching its branch off for good (the "
+            "model was built with zero_init_residual); drop one of the two settings"
+        )
+    for m in norms:
+        m.weight.requires_grad_(False)
+    return len(norms)
 
 
 def fast_sgd_kwargs(device: torch.device | str) -> dict:
