@@ -1,6 +1,7 @@
 """Training and evaluating on an image folder (DataLoader path) and on synthetic data."""
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -69,3 +70,28 @@ def test_training_refuses_a_10crop_evaluation_of_a_folder_dataset(folder, tmp_pa
                                          r"dataset .*not 'folder'.*reslab eval RUN --tta 10crop"):
         train(folder_config(folder, tmp_path / "run", eval_tta="10crop"))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_folder_run_fits_its_whitening_to_the_same_training_crops_every_time(folder, tmp_path,
+                                                                               monkeypatch):
+    from reslab.models.layers import PatchWhitening
+
+    seen = []
+    fit = PatchWhitening.fit
+
+    def recording_fit(self, images, *args, **kwargs):
+        seen.append(images.clone())
+        return fit(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(PatchWhitening, "fit", recording_fit)
+    weights = []
+    for run in ("a", "b"):
+        cfg = folder_config(folder, tmp_path / run).replace(
+            epochs=1, model="resnet9", model_kwargs={"widths": (8, 8, 16, 16), "whiten": 2})
+        train(cfg)
+        saved = load_state_dict_file(tmp_path / run / "checkpoints" / "last.safetensors")
+        assert bool(saved["whiten.fitted"])
+        weights.append(saved["whiten.weight"])
+    assert [tuple(x.shape) for x in seen] == [(12, 3, 32, 32)] * 2  # every training image, cropped
+    assert torch.equal(seen[0], seen[1]) and torch.equal(weights[0], weights[1])
+    assert abs(seen[0].mean().item()) < 1.0  # normalised, not raw 0-255 pixels
