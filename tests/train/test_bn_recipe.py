@@ -1,5 +1,6 @@
 """Frozen BatchNorm scales and a separate learning rate for BatchNorm shifts (freeze_bn_scale,
-bn_shift_lr): the optimizer's groups, what the training loop does with them, and resume."""
+bn_shift_lr) in training runs: what the loop does with them, the refusals, resume. The optimizer's
+groups are tested with the other optimizer tests in test_train_step.py."""
 
 from __future__ import annotations
 
@@ -10,58 +11,8 @@ from torch import nn
 from reslab import create_model
 from reslab.checkpoint import load_state_dict_file
 from reslab.cli import build_parser
-from reslab.train import Callback, TrainConfig, make_optimizer, make_train_step, resume, train
+from reslab.train import Callback, TrainConfig, resume, train
 from reslab.train.step import freeze_bn_scales
-
-
-def net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
-
-
-def batch():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(16, 1, 6, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
-
-
-def group_of(optimizer, param):
-    return next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
-
-
-@pytest.mark.parametrize("decay_bn_bias, shift_decay, groups", [(True, 5e-4 / 64, 2), (False, 0.0, 3)])
-def test_bn_shifts_get_their_own_group_with_the_same_decay_per_step(decay_bn_bias, shift_decay,
-                                                                     groups):
-    model = net()
-    opt = make_optimizer(model, TrainConfig(weight_decay=5e-4, decay_bn_bias=decay_bn_bias,
-                                            bn_shift_lr=64))
-    assert len(opt.param_groups) == groups
-    shift = group_of(opt, model[1].bias)
-    assert [p is model[1].bias for p in shift["params"]] == [True]
-    assert shift["lr_scale"] == 64 and shift["weight_decay"] == pytest.approx(shift_decay)
-    for other in (model[0].weight, model[1].weight, model[5].weight, model[5].bias):
-        assert "lr_scale" not in group_of(opt, other)
-    # every trainable parameter is in exactly one group
-    assert sum(len(g["params"]) for g in opt.param_groups) == 5
-
-
-def test_without_a_shift_lr_the_groups_are_the_usual_ones():
-    opt = make_optimizer(net(), TrainConfig(weight_decay=5e-4, decay_bn_bias=False))
-    assert [(g["weight_decay"], len(g["params"]), "lr_scale" in g) for g in opt.param_groups] == [
-        (5e-4, 2, False), (0.0, 3, False)]
-
-
-def test_frozen_scales_stay_out_of_the_optimizer_and_do_not_move():
-    model = net()
-    assert freeze_bn_scales(model) == 1
-    assert not model[1].weight.requires_grad and model[1].bias.requires_grad
-    opt = make_optimizer(model, TrainConfig(lr=0.5, weight_decay=5e-4))
-    assert all(p is not model[1].weight for g in opt.param_groups for p in g["params"])
-    step = make_train_step(model, opt)
-    for _ in range(3):
-        step(*batch())
-    assert torch.equal(model[1].weight, torch.ones(4))
-    assert not torch.equal(model[1].bias, torch.zeros(4))
 
 
 def test_freezing_a_zero_initialised_scale_is_refused():
