@@ -83,8 +83,9 @@ class TrainConfig:
     weight_decay: float = _f("L2 weight decay", default=1e-4, minimum=0.0)
     decay_bn_bias: bool = _f("apply weight decay to BN parameters and biases too",
                              default=True)
-    freeze_bn_scale: bool = _f("keep every BatchNorm's scale at its initial 1 (not trained), as "
-                               "Page's and airbench's fast recipes do", default=False)
+    freeze_bn_scale: bool = _f("do not train the BatchNorm scales: they keep their initial values "
+                               "(1 in a new model), as in Page's and airbench's fast recipes",
+                               default=False)
     bn_shift_lr: float = _f("multiply the learning rate of BatchNorm shifts by this, dividing "
                             "their weight decay by it (the same decay per step); airbench: 64, "
                             "with frozen scales", default=1.0, minimum=0.0, exclusive=True)

@@ -53,8 +53,9 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
     """
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device if params else torch.device("cpu")
-    shift_ids = ({id(m.bias) for m in model.modules() if isinstance(m, _BatchNorm) and m.bias is not None}
-                 if config.bn_shift_lr != 1 else set())
+    shift_ids = set()
+    if config.bn_shift_lr != 1:
+        shift_ids = {id(m.bias) for m in model.modules() if isinstance(m, _BatchNorm) and m.bias is not None}
     shifts = [p for p in params if id(p) in shift_ids]
     params = [p for p in params if id(p) not in shift_ids]
     if not config.decay_bn_bias:
@@ -75,20 +76,22 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
 
 
 def freeze_bn_scales(model: nn.Module) -> int:
-    """Stop training every BatchNorm scale (Page's and airbench's fast recipes keep them at 1).
+    """Stop training every BatchNorm scale: it keeps its current value, 1 in a new model (Page's
+    and airbench's fast recipes train with the scales fixed at 1).
 
     Returns how many were frozen. A scale that is all zeros (``zero_init_residual``) would switch
-    its residual branch off for good, so that is an error.
+    its residual branch off for good, so that is an error, and then nothing is frozen.
     """
-    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.weight is not None]
-    zero = [name for name, m in model.named_modules() if m in norms and not m.weight.detach().any()]
+    norms = {name: m for name, m in model.named_modules()
+             if isinstance(m, _BatchNorm) and m.weight is not None}
+    zero = [name for name, m in norms.items() if not m.weight.detach().any()]
     if zero:
         raise ValueError(
             f"freeze_bn_scale would keep the all-zero BatchNorm scale of {', '.join(zero[:3])}"
             f"{' ...' if len(zero) > 3 else ''} at zero, switching its branch off for good (the "
             "model was built with zero_init_residual); drop one of the two settings"
         )
-    for m in norms:
+    for m in norms.values():
         m.weight.requires_grad_(False)
     return len(norms)
 
