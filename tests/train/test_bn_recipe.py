@@ -1,6 +1,7 @@
 """Frozen BatchNorm scales and a separate learning rate for BatchNorm shifts (freeze_bn_scale,
-bn_shift_lr) in training runs: what the loop does with them, the refusals, resume. The optimizer's
-groups are tested with the other optimizer tests in test_train_step.py."""
+bn_shift_lr) in training runs: what the loop does with them and the refusals. The optimizer's
+groups are tested with the other optimizer tests in test_train_step.py, resume with the others in
+test_train_loop.py."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ import torch
 from torch import nn
 
 from reslab import create_model
-from reslab.checkpoint import load_state_dict_file
 from reslab.cli import build_parser
-from reslab.train import Callback, TrainConfig, resume, train
+from reslab.train import Callback, TrainConfig, train
 from reslab.train.step import freeze_bn_scales
 
 
@@ -50,17 +50,3 @@ def test_the_loop_scales_the_shifts_lr_and_keeps_the_scales_at_one(tiny):
     norms = [m for m in result.model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert norms and all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
     assert all(not torch.equal(m.bias, torch.zeros_like(m.bias)) for m in norms)
-
-
-def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, tiny, stop_at_step):
-    settings = dict(recipe="fast", freeze_bn_scale=True, bn_shift_lr=16.0, precision="fp32",
-                    ema_decay=0.9)
-    full = train(tiny(out=str(tmp_path / "a"), **settings))
-    part = train(tiny(out=str(tmp_path / "b"), **settings), callbacks=[stop_at_step(4)])
-    assert (part.status, part.steps) == ("stopped", 4)
-    rest = resume(tmp_path / "b")
-    assert (rest.status, rest.steps) == ("completed", full.steps)
-    a = load_state_dict_file(tmp_path / "a" / "checkpoints" / "last.safetensors")
-    b = load_state_dict_file(tmp_path / "b" / "checkpoints" / "last.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert torch.equal(a["bn1.weight"], torch.ones_like(a["bn1.weight"]))

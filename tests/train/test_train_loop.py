@@ -43,10 +43,13 @@ def test_a_second_train_into_the_same_folder_is_refused(tmp_path, tiny):
         train(tiny(out=str(tmp_path), epochs=1))
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted_bitwise(tmp_path, tiny, stop_at_step):
+@pytest.mark.parametrize("bn", [{}, {"freeze_bn_scale": True, "bn_shift_lr": 16.0}],
+                         ids=["plain", "frozen-bn-scales-fast-shifts"])
+def test_interrupted_and_resumed_run_equals_uninterrupted_bitwise(tmp_path, tiny, stop_at_step, bn):
     # Stop mid-epoch (step 4 of 3-step epochs) with EMA, cutout and label smoothing on, so the
-    # optimizer, EMA, augmentation generator and partial epoch sums all have to be restored.
-    cfg = dict(ema_decay=0.9, cutout=3, label_smoothing=0.1, recipe="fast", precision="fp32")
+    # optimizer, EMA, augmentation generator and partial epoch sums all have to be restored; with
+    # `bn`, also the optimizer's group of BN shifts with its lr_scale, and the frozen scales.
+    cfg = dict(ema_decay=0.9, cutout=3, label_smoothing=0.1, recipe="fast", precision="fp32", **bn)
     full = train(tiny(out=str(tmp_path / "a"), **cfg))
     part = train(tiny(out=str(tmp_path / "b"), **cfg), callbacks=[stop_at_step(4)])
     assert (part.status, part.steps, part.epochs) == ("stopped", 4, 1)
