@@ -4,6 +4,7 @@ equivalence with reslab's models, and the fp32/bf16 agreement check on a trained
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 
 from reslab import create_model
 from reslab.bench import (
-    agreement, as_conv1x1, baseline_for, bench_infer, bench_train, matmul_peak, matmul_rates,
+    agreement, as_conv1x1, baseline_for, bench_infer, bench_train, fast_path, matmul_peak,
+    matmul_rates, _interleaved,
 )
 from reslab.cli import main
 
@@ -47,6 +49,18 @@ def test_the_peak_convolution_is_the_same_matmul():
     torch.testing.assert_close(F.conv2d(image, weight)[0, :, 0, :].t(), a @ b)
 
 
+def test_repeats_are_interleaved_and_rated_in_their_own_units():
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in ("baseline", "reslab", "bf16 matmul")}
+    m = _interleaved(fns, {"baseline": 4, "reslab": 4, "bf16 matmul": 2e9}, warmup=1, repeats=3,
+                     iters=2, device="cpu")
+    # warm-up once each, then A A B B C C per repeat: every measurement spans the same minutes
+    assert calls == ["baseline", "reslab", "bf16 matmul"] + 3 * [
+        "baseline", "baseline", "reslab", "reslab", "bf16 matmul", "bf16 matmul"]
+    assert all(len(v.repeats) == 3 for v in m.values())
+    assert m["bf16 matmul"].images_per_sec / m["reslab"].images_per_sec > 1e5  # FLOPs, not images
+
+
 def test_bench_train_result_is_consistent():
     r = bench_train("resnet20", batch=4, **TINY)
     assert r.mode == "train" and r.batch == 4 and r.input_size == (3, 32, 32)
@@ -74,6 +88,27 @@ def test_bench_infer_checks_the_fast_path_against_the_baseline():
     assert r32.checks["max_abs_logit_diff"] < 1e-3  # BN folding alone changes only rounding
 
 
+def test_bench_infer_with_openvino_says_what_it_ran():
+    r = bench_infer("resnet20", batch=3, backend="openvino", streams=2, **TINY)
+    s = r.settings
+    assert s["backend"] == "openvino" and s["streams"] == 2 and s["openvino"]
+    assert s["inference_precision"] in ("bf16", "fp32")  # fp32 on a CPU without bf16
+    assert r.checks["baseline_equals_reslab_fp32"] is True
+    assert r.checks["random_input_top1_agreement"] == 1.0 or s["inference_precision"] == "bf16"
+    r32 = bench_infer("resnet20", batch=3, backend="openvino", precision="fp32", **TINY)
+    assert r32.settings["inference_precision"] == "fp32" and r32.settings["streams"] >= 1
+    assert r32.checks["max_abs_logit_diff"] < 1e-3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(backend="tensorrt"), "backend must be one of torch, onnxruntime, openvino; got 'tensorrt'"),
+    (dict(streams=2), "streams split a batch across OpenVINO's streams; use backend='openvino'"),
+])
+def test_fast_path_errors(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fast_path(create_model("resnet20"), (3, 32, 32), **kwargs)
+
+
 def test_cli_json_output(capsys):
     assert main(["bench", "infer", "--model", "resnet20", "--batch", "2", "--repeats", "1",
                  "--iters", "1", "--warmup", "0", "--peak-size", "64", "--json"]) == 0
@@ -87,6 +122,7 @@ def test_cli_json_output(capsys):
     (["bench", "train", "--checkpoint", "x"], "--checkpoint applies to `reslab bench infer`"),
     (["bench", "infer", "--model", "preact_resnet110", "--peak-size", "64"],
      "original unit and shortcut A or B"),
+    (["bench", "infer", "--backend", "openvino", "--streams", "0"], "--streams must be >= 1, got 0"),
 ])
 def test_cli_errors(argv, message, capsys):
     assert main(argv) == 2
@@ -121,3 +157,6 @@ def test_agreement_on_a_trained_model(tmp_path):
     # The compiled path (frozen weights, fused post-ops) is what `bench infer --compile` times.
     c = agreement(str(run), dict(precision="fp32", channels_last=True, fold_bn=True, compile=True))
     assert c.top1_agreement == 1.0 and c.fast_top1_error == a.fast_top1_error
+    # `bench infer --backend openvino --checkpoint` checks the OpenVINO session itself.
+    d = agreement(str(run), dict(precision="fp32", backend="openvino", streams=2))
+    assert d.top1_agreement == 1.0 and d.fast_top1_error == a.fast_top1_error

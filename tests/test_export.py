@@ -1,9 +1,11 @@
-"""Export (ONNX checked in onnxruntime, TorchScript, ExportedProgram) and BatchNorm folding."""
+"""Export (ONNX checked in onnxruntime, TorchScript, ExportedProgram), BatchNorm folding, and the
+OpenVINO session."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import sys
 
 import numpy as np
 import onnx
@@ -16,7 +18,8 @@ import reslab
 from reslab.checkpoint import save_model
 from reslab.cli import main
 from reslab.export import (
-    ExportCheckError, conv_bn_pairs, export_model, fold_batchnorm, onnxruntime_session,
+    ExportCheckError, OpenVINOSession, conv_bn_pairs, export_model, fold_batchnorm,
+    onnxruntime_session,
 )
 from reslab.models.densenet import cifar_densenet
 from reslab.models.resnet import SHORTCUT_VARIANTS, UNITS, ResNet, cifar_resnet
@@ -212,6 +215,52 @@ def test_onnxruntime_session_runs_torch_tensors_through_the_checked_export():
     assert isinstance(y, torch.Tensor) and y.shape == (4, 3)
     with torch.no_grad():
         torch.testing.assert_close(y, model(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("streams, batches", [(1, (1, 4)), (3, (7, 3, 1))])
+def test_openvino_session_splits_a_batch_across_streams_exactly(streams, batches):
+    # fp32 checks the conversion and the splitting bit-near exactly; 7 images on 3 streams run as
+    # chunks of 3, 3 and 1 padded to 3, whose padding must not leak into the result.
+    model = randomize_bn(reslab.create_model("resnet20", num_classes=3))
+    run = OpenVINOSession(model, (3, 16, 16), precision="fp32", streams=streams)
+    assert run.streams == streams and run.inference_precision == "fp32"
+    for n in batches:
+        x = torch.randn(n, 3, 16, 16)
+        y = run(x)
+        assert isinstance(y, torch.Tensor) and y.dtype == torch.float32 and y.shape == (n, 3)
+        with torch.no_grad():
+            torch.testing.assert_close(y, model(x), atol=1e-4, rtol=1e-4)
+    assert set(run._requests) == {-(-n // min(streams, n)) for n in batches}
+
+
+def test_openvino_session_in_bf16_and_for_a_feature_extractor():
+    model = randomize_bn(reslab.create_model("resnet20", num_classes=3))
+    run = OpenVINOSession(model, (3, 16, 16))  # bf16; OpenVINO's choice of streams
+    assert run.streams >= 1 and run.inference_precision in ("bf16", "fp32")  # fp32 without bf16
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+    torch.testing.assert_close(run(x), ref, atol=0.05 * ref.abs().max().item(), rtol=0)
+    features = reslab.create_model("resnet20", features_only=True, out_indices=(1, 3))
+    feats = OpenVINOSession(features, (3, 32, 32), precision="fp32", streams=2)(torch.randn(3, 3, 32, 32))
+    assert [tuple(f.shape) for f in feats] == [(3, 16, 32, 32), (3, 64, 8, 8)]
+
+
+def test_openvino_session_errors(monkeypatch):
+    model = reslab.create_model("resnet20", num_classes=3)
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16; got 'int8'"):
+        OpenVINOSession(model, (3, 16, 16), precision="int8")
+    with pytest.raises(ValueError, match="streams must be >= 1"):
+        OpenVINOSession(model, (3, 16, 16), streams=0)
+    run = OpenVINOSession(model, (3, 16, 16), precision="fp32", streams=1)
+    with pytest.raises(ValueError, match=r"expected a batch of shape \(N, 3, 16, 16\), got \(2, 3, 32, 32\)"):
+        run(torch.randn(2, 3, 32, 32))
+    monkeypatch.setattr("reslab.export._max_diff", lambda out, ref: (0.5, 1.0))
+    with pytest.raises(ExportCheckError, match="conversion differs from PyTorch by up to 0.5"):
+        OpenVINOSession(model, (3, 16, 16), fold_bn=False)
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'reslab\[openvino\]'"):
+        OpenVINOSession(model, (3, 16, 16))
 
 
 class Noisy(nn.Module):

@@ -35,6 +35,7 @@ _LAZY = {
     "predict": "reslab.train",
     "export_model": "reslab.export",
     "fold_batchnorm": "reslab.export",
+    "OpenVINOSession": "reslab.export",
     "optimize_for_inference": "reslab.inference",
     "bench_train": "reslab.bench",
     "bench_infer": "reslab.bench",

@@ -6,12 +6,13 @@ Every run measures three things in the same process, so the ratios are side by s
    torchvision-style code), run eager in fp32 and NCHW; it loads the very weights of the reslab
    model (the module names are the same), and the two are checked to compute the same function;
 2. **reslab**: the model through its fast path (channels_last, bf16, BN folding, compile,
-   reslab's fused BN-ReLU kernel and the multi-tensor optimizer for training, or ONNX Runtime
-   for inference);
+   reslab's fused BN-ReLU kernel and the multi-tensor optimizer for training; for inference
+   also ONNX Runtime or OpenVINO, see `fast_path`);
 3. the machine's **peak**: the FLOP/s of a large matmul in fp32 and bf16, the better of
    `torch.matmul` and the same matmul as a 1×1 convolution (`matmul_rates`).
 
-Baseline and reslab repeats are interleaved (A B A B ...) so that drifting machine load hits both.
+Baseline, reslab and peak repeats are interleaved (A B C A B C ...) so that drifting machine
+speed hits them all: the ratios and the fraction of the peak compare measurements taken together.
 Each measurement also counts the process's minor page faults per call: an eager model run with
 glibc's default allocator maps and zeroes its large activations afresh on every call (see
 `reslab.runtime`), and `allocator="tuned"` measures both sides without that cost.
@@ -52,23 +53,22 @@ def matmul_rates(dtype: torch.dtype = torch.float32, device: str = "cpu", n: int
     OpenBLAS on CPU, cuBLAS on GPU) and a 1×1 convolution over an n-pixel channels-last image
     (oneDNN on CPU, cuDNN on GPU), the library the models' convolutions run in. They can differ
     by 2×: on AMD CPUs MKL's fp32 GEMM runs its AVX2 code while oneDNN uses AVX-512."""
+    ways, flops = _matmul_calls(dtype, device, n)
+    iters = 20 if device.startswith("cuda") else 4
+    with torch.inference_mode():
+        m = _interleaved(ways, dict.fromkeys(ways, flops), warmup=1, repeats=repeats, iters=iters,
+                         device=device)
+    return {k: v.images_per_sec for k, v in m.items()}
+
+
+def _matmul_calls(dtype: torch.dtype, device: str, n: int | None
+                  ) -> tuple[dict[str, Callable[[], None]], int]:
+    """`matmul_rates`' two ways of doing the n×n×n matmul, and the FLOPs of one call."""
     n = n or (8192 if device.startswith("cuda") else 2048)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     image, weight = as_conv1x1(a, b)
-    iters = 20 if device.startswith("cuda") else 4
-    ways = {"matmul": lambda: a @ b, "conv1x1": lambda: F.conv2d(image, weight)}
-    rates: dict[str, list[float]] = {k: [] for k in ways}
-    with torch.inference_mode():
-        for _ in range(repeats + 1):
-            for way, fn in ways.items():
-                _sync(device)
-                t = time.perf_counter()
-                for _ in range(iters):
-                    fn()
-                _sync(device)
-                rates[way].append(2 * n**3 * iters / (time.perf_counter() - t))
-    return {k: statistics.median(v[1:]) for k, v in rates.items()}  # the first is warm-up
+    return {"matmul": lambda: a @ b, "conv1x1": lambda: F.conv2d(image, weight)}, 2 * n**3
 
 
 def as_conv1x1(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,8 +211,13 @@ class Measurement:
     page_faults_per_call: float | None = None  # minor faults per timed call (None: not counted)
 
 
-def _interleaved(fns: dict[str, Callable[[], None]], images_per_call: int, *, warmup: int,
-                 repeats: int, iters: int, device: str) -> dict[str, Measurement]:
+def _interleaved(fns: dict[str, Callable[[], None]], per_call: dict[str, float], *, warmup: int,
+                 repeats: int, iters: int, device: str,
+                 settle: dict[str, int] | None = None) -> dict[str, Measurement]:
+    """Each function's rate (`per_call` units — images, FLOPs — per second), their timed repeats
+    interleaved (A B C A B C ...) so that drifting machine speed hits all alike. `settle`: untimed
+    calls of a function before each of its timed blocks (for a steady-state rate)."""
+    settle = settle or {}
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -222,19 +227,42 @@ def _interleaved(fns: dict[str, Callable[[], None]], images_per_call: int, *, wa
     faults = dict.fromkeys(fns, 0)
     for _ in range(repeats):
         for label, fn in fns.items():
+            for _ in range(settle.get(label, 0)):
+                fn()
             _sync(device)
             f0 = minor_faults()
             t = time.perf_counter()
             for _ in range(iters):
                 fn()
             _sync(device)
-            rates[label].append(images_per_call * iters / (time.perf_counter() - t))
+            rates[label].append(per_call[label] * iters / (time.perf_counter() - t))
             if counted:
                 faults[label] += minor_faults() - f0
     calls = repeats * iters
     return {k: Measurement(k, statistics.median(v), (min(v), max(v)), v,
                            faults[k] / calls if counted else None)
             for k, v in rates.items()}
+
+
+def _measure(model_fns: dict[str, Callable[[], None]], batch: int, *, peak_n: int | None,
+             device: str, **timing) -> tuple[dict[str, Measurement], dict[str, float],
+                                             dict[str, dict[str, float]]]:
+    """Baseline and reslab (images/s), and the peak of each precision with the rates it is the
+    best of (FLOP/s), all in one interleaved loop: a machine whose speed drifts (this project's
+    2-core machines read the bf16 peak anywhere from 2.25 to 2.75 TFLOP/s within minutes) moves
+    the model and its peak together, and the fraction of the peak stays put. Each timed block of
+    matmuls follows one untimed matmul: right after a model's calls the first one runs on cold
+    caches (12% slower on the AMX machine), and the peak is the steady-state rate."""
+    fns, per_call = dict(model_fns), dict.fromkeys(model_fns, batch)
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        ways, flops = _matmul_calls(dtype, device, peak_n)
+        for way, fn in ways.items():
+            fns[f"{precision} {way}"], per_call[f"{precision} {way}"] = fn, flops
+    m = _interleaved(fns, per_call, device=device, settle=dict.fromkeys(set(fns) - set(model_fns), 1),
+                     **timing)
+    detail = {p: {way: m.pop(f"{p} {way}").images_per_sec for way in ("matmul", "conv1x1")}
+              for p in ("fp32", "bf16")}
+    return m, {k: max(v.values()) for k, v in detail.items()}, detail
 
 
 def _set_allocator(allocator: str) -> None:
@@ -272,13 +300,6 @@ class BenchResult:
         return asdict(self)
 
 
-def _peaks(device: str, n: int | None) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """The peak of each precision, and the rates it is the best of."""
-    detail = {"fp32": matmul_rates(torch.float32, device, n),
-              "bf16": matmul_rates(torch.bfloat16, device, n)}
-    return {k: max(v.values()) for k, v in detail.items()}, detail
-
-
 def _input_size(name: str, image_size: int | None, in_chans: int) -> tuple[int, int, int]:
     native = model_info(name).input_size
     size = image_size or native[1]
@@ -296,19 +317,47 @@ class Agreement:
     fast_top1_error: float
 
 
+BACKENDS = ("torch", "onnxruntime", "openvino")
+
+
+def fast_path(model: nn.Module, input_size: tuple[int, int, int], *, backend: str = "torch",
+              streams: int | None = None, **kwargs) -> Callable[[torch.Tensor], torch.Tensor]:
+    """reslab's fastest way to run `model` with `backend`: `optimize_for_inference(model,
+    **kwargs)` for torch, the checked ONNX export in onnxruntime (fp32; only ``fold_bn`` applies),
+    or an `OpenVINOSession` (``precision``, ``fold_bn`` and ``streams`` apply)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend != "openvino" and streams is not None:
+        raise ValueError("streams split a batch across OpenVINO's streams; use backend='openvino'")
+    if backend == "torch":
+        from .inference import optimize_for_inference
+
+        return optimize_for_inference(model, **kwargs)
+    if next(model.parameters()).device.type != "cpu":
+        raise ValueError(f"the {backend} backend runs on the CPU; the model is on "
+                         f"{next(model.parameters()).device}")
+    if backend == "onnxruntime":
+        from .export import onnxruntime_session
+
+        return onnxruntime_session(model, input_size, fold_bn=kwargs.get("fold_bn", True))
+    from .export import OpenVINOSession
+
+    return OpenVINOSession(model, input_size, precision=kwargs.get("precision", "bf16"),
+                           streams=streams, fold_bn=kwargs.get("fold_bn", True))
+
+
 def agreement(path: str, fast_kwargs: dict, *, data_dir: str | None = None, device: str = "cpu",
               batch: int = 500, limit: int | None = None) -> Agreement:
-    """Run a trained model file/run folder in fp32 and through `optimize_for_inference` over
-    its test set (in-memory datasets), and count how often the top-1 predictions agree."""
+    """Run a trained model file/run folder in fp32 and through `fast_path(model, **fast_kwargs)`
+    over its test set (in-memory datasets), and count how often the top-1 predictions agree."""
     from .data import InMemoryDataset, normalize
-    from .inference import optimize_for_inference
     from .train.predict import load_test_data
 
     model, meta, bundle = load_test_data(path, data_dir=data_dir, device=device, test_limit=limit)
     if not isinstance(bundle.test, InMemoryDataset):
         raise ValueError(f"the agreement check needs an in-memory dataset (digits, cifar10, "
                          f"cifar100); {path} was trained on {bundle.name}")
-    fast = optimize_for_inference(model, **fast_kwargs)
+    fast = fast_path(model, tuple(bundle.test.images.shape[1:]), **fast_kwargs)
     same = wrong_ref = wrong_fast = 0
     with torch.inference_mode():
         for i in range(0, len(bundle.test), batch):
@@ -324,7 +373,8 @@ def agreement(path: str, fast_kwargs: dict, *, data_dir: str | None = None, devi
 
 def bench_infer(name: str = "resnet50", *, batch: int = 16, precision: str = "bf16",
                 channels_last: bool = True, fold_bn: bool = True, compile: bool = False,
-                backend: str = "torch", image_size: int | None = None, in_chans: int = 3,
+                backend: str = "torch", streams: int | None = None,
+                image_size: int | None = None, in_chans: int = 3,
                 device: str = "cpu", warmup: int = 2, repeats: int = 5, iters: int = 3,
                 peak_n: int | None = None, checkpoint: str | None = None,
                 data_dir: str | None = None, allocator: str = "system") -> BenchResult:
@@ -333,26 +383,22 @@ def bench_infer(name: str = "resnet50", *, batch: int = 16, precision: str = "bf
     With `checkpoint` (a trained model file or run folder) the fast path (compiled too, with
     `compile`) is also compared with fp32 on the model's test set (`checks["test_set"]`).
     `allocator` is "system" (glibc's defaults, as a plain script runs) or "tuned" (both sides
-    with `reslab.tune_allocator`)."""
-    from .inference import optimize_for_inference
-
+    with `reslab.tune_allocator`). `backend` and `streams` as for `fast_path`."""
     _set_allocator(allocator)
     torch.manual_seed(0)
     model = create_model(name, in_chans=in_chans).eval()
     size = _input_size(name, image_size, in_chans)
     base = baseline_for(model).eval().to(device)
     x = torch.randn(batch, *size, device=device)
-    if backend == "onnxruntime":
-        from .export import onnxruntime_session
-
-        run_fast, check_model = onnxruntime_session(model, size, fold_bn=fold_bn), None
-    else:
-        fast = optimize_for_inference(model.to(device), precision=precision,
-                                      channels_last=channels_last, fold_bn=fold_bn,
-                                      compile=compile)
-        run_fast = fast
-        check_model = fast
-    xf = x.to(memory_format=torch.channels_last) if channels_last else x
+    fast_kwargs = dict(precision=precision, channels_last=channels_last, fold_bn=fold_bn,
+                       compile=compile, backend=backend, streams=streams)
+    run_fast = fast_path(model.to(device), size, **fast_kwargs)
+    extra = {}
+    if backend == "openvino":  # what it chose: the streams, and bf16 only where the CPU has it
+        fast_kwargs["streams"] = run_fast.streams
+        extra = dict(inference_precision=run_fast.inference_precision, openvino=run_fast.version)
+    # PyTorch's fast path takes channels-last input; the other runtimes read NCHW arrays.
+    xf = x.to(memory_format=torch.channels_last) if channels_last and backend == "torch" else x
 
     with torch.inference_mode():
         ref = base(x)
@@ -363,22 +409,19 @@ def bench_infer(name: str = "resnet50", *, batch: int = 16, precision: str = "bf
             "random_input_top1_agreement": float((got.argmax(1) == ref.argmax(1)).float().mean()),
             "max_abs_logit_diff": float((got - ref).abs().max()),
         }
-        m = _interleaved({"baseline": lambda: base(x), "reslab": lambda: run_fast(xf)}, batch,
-                         warmup=warmup, repeats=repeats, iters=iters, device=device)
-    del check_model
+        m, peaks, peak_detail = _measure(
+            {"baseline": lambda: base(x), "reslab": lambda: run_fast(xf)}, batch, peak_n=peak_n,
+            device=device, warmup=warmup, repeats=repeats, iters=iters)
+    del run_fast
     if checkpoint is not None:
-        checks["test_set"] = asdict(agreement(
-            checkpoint, dict(precision=precision, channels_last=channels_last, fold_bn=fold_bn,
-                             compile=compile),
-            data_dir=data_dir, device=device))
+        checks["test_set"] = asdict(agreement(checkpoint, fast_kwargs, data_dir=data_dir,
+                                              device=device))
     macs = complexity(model, size).macs
-    peaks, peak_detail = _peaks(device, peak_n)
     achieved = 2 * macs * m["reslab"].images_per_sec
     peak = peaks["bf16" if precision in ("bf16", "fp16") else "fp32"]
     return BenchResult(
         "infer", name, batch, size, device,
-        dict(precision=precision, channels_last=channels_last, fold_bn=fold_bn, compile=compile,
-             backend=backend, allocator=allocator, threads=torch.get_num_threads()),
+        dict(fast_kwargs, allocator=allocator, threads=torch.get_num_threads(), **extra),
         macs, m["baseline"], m["reslab"], m["reslab"].images_per_sec / m["baseline"].images_per_sec,
         peaks, achieved, achieved / peak, checks, peak_detail,
     )
@@ -415,10 +458,10 @@ def bench_train(name: str = "resnet20", *, batch: int = 128, precision: str = "b
     step = make_train_step(model, opt, precision=precision, channels_last=channels_last,
                            compile=compile, compile_mode=compile_mode, fused_kernels=fused_kernels)
     xf = x.to(memory_format=torch.channels_last) if channels_last else x
-    m = _interleaved({"baseline": baseline_step, "reslab": lambda: step(xf, y)}, batch,
-                     warmup=warmup, repeats=repeats, iters=iters, device=device)
+    m, peaks, peak_detail = _measure({"baseline": baseline_step, "reslab": lambda: step(xf, y)},
+                                     batch, peak_n=peak_n, device=device, warmup=warmup,
+                                     repeats=repeats, iters=iters)
     macs = complexity(model, size).macs
-    peaks, peak_detail = _peaks(device, peak_n)
     achieved = 3 * 2 * macs * m["reslab"].images_per_sec
     peak = peaks["bf16" if precision in ("bf16", "fp16") else "fp32"]
     return BenchResult(

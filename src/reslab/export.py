@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -302,6 +303,116 @@ def onnxruntime_session(
 
     run.export_result = result
     return run
+
+
+OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+
+
+class OpenVINOSession:
+    """`model` run by OpenVINO's CPU plugin, the batch split across its parallel streams.
+
+    The model (BN folded first with ``fold_bn``) goes through `torch.export` into OpenVINO, and
+    the conversion is checked in fp32 against PyTorch on two random images (`ExportCheckError`
+    when it disagrees, as `export_model`'s check). Then it runs in ``precision`` (OpenVINO's
+    inference-precision hint: bf16 uses AMX or AVX-512 bf16 where the CPU has them, and falls back
+    to fp32 where it has not; ``inference_precision`` says what it chose).
+
+    A call splits its batch into ``streams`` equal chunks (the last one padded) that run at once,
+    each on its own OpenVINO stream (its own cores, in one process): on 2 Xeon cores with AMX a
+    ResNet-50 batch of 16 runs as two chunks of 8, one per core, 4-7% faster than as one batch
+    on both (measured 2026-11-24). ``streams=None`` takes OpenVINO's own choice for throughput
+    (``PERFORMANCE_HINT=THROUGHPUT``); ``streams=1`` is its latency mode. Each chunk size is
+    compiled once, on first use. Takes and returns torch tensors (fp32 NCHW in, fp32 out); not
+    for calls from several threads at once.
+    """
+
+    def __init__(self, model: nn.Module, input_size: Sequence[int], *, precision: str = "bf16",
+                 streams: int | None = None, threads: int | None = None,
+                 fold_bn: bool = True) -> None:
+        try:
+            import openvino as ov
+        except ModuleNotFoundError:
+            raise ModuleNotFoundError(
+                "the OpenVINO backend needs openvino: pip install 'reslab[openvino]'") from None
+        if precision not in OPENVINO_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(OPENVINO_PRECISIONS)}; "
+                             f"got {precision!r}")
+        if streams is not None and streams < 1:
+            raise ValueError(f"streams must be >= 1 (or None for OpenVINO's choice), got {streams}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        model = copy.deepcopy(model).cpu().float().eval()
+        self.input_size = tuple(int(v) for v in input_size)
+        x = torch.randn((2, *self.input_size), generator=torch.Generator().manual_seed(0))
+        if fold_bn:
+            model = fold_batchnorm(model, x)
+        with torch.no_grad():
+            reference = model(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.export's internal pytree notice
+            program = torch.export.export(model, (x,), dynamic_shapes=_batch_dim(True))
+            self._model = ov.convert_model(program)
+        self._core = ov.Core()
+        self.version = ov.__version__
+        self.threads = threads or torch.get_num_threads()
+        base = {"INFERENCE_NUM_THREADS": self.threads}
+
+        check = self._core.compile_model(self._reshaped(2), "CPU",
+                                         {**base, "INFERENCE_PRECISION_HINT": "f32"})
+        diff, scale = _max_diff(self._outputs(check.create_infer_request().infer({0: x.numpy()})),
+                                reference)
+        if not diff <= 1e-4 * max(1.0, scale):  # export_model's default tolerance
+            raise ExportCheckError(
+                f"OpenVINO {self.version}'s conversion differs from PyTorch by up to {diff:.3g} "
+                f"(output scale {scale:.3g}) in fp32; run this model with another backend")
+
+        self._config = {**base, "INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision],
+                        "PERFORMANCE_HINT": "THROUGHPUT"}
+        self._requests: dict[int, list] = {}
+        if streams is None:
+            probe = self._core.compile_model(self._reshaped(1), "CPU", self._config)
+            streams = int(probe.get_property("NUM_STREAMS"))
+        self.streams = streams
+        self._config["NUM_STREAMS"] = streams
+        chosen = self._compiled(1)[0].get_compiled_model().get_property("INFERENCE_PRECISION_HINT")
+        names = {v: k for k, v in OPENVINO_PRECISIONS.items()}
+        self.inference_precision = names.get(chosen.get_type_name(), chosen.get_type_name())
+
+    def _reshaped(self, batch: int):
+        m = self._model.clone()
+        m.reshape([batch, *self.input_size])
+        return m
+
+    def _compiled(self, batch: int) -> list:
+        """One infer request per stream of the model compiled for chunks of `batch` images."""
+        if batch not in self._requests:
+            compiled = self._core.compile_model(self._reshaped(batch), "CPU", self._config)
+            self._requests[batch] = [compiled.create_infer_request() for _ in range(self.streams)]
+        return self._requests[batch]
+
+    @staticmethod
+    def _outputs(result) -> list:
+        return [result[key] for key in result.keys()]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.input_size:
+            raise ValueError(f"expected a batch of shape (N, {', '.join(map(str, self.input_size))}), "
+                             f"got {tuple(x.shape)}; the session was made for that input size")
+        n = len(x)
+        x = x.detach().cpu().float().contiguous()
+        size = -(-n // min(self.streams, n))  # ceil: at most `streams` chunks of equal size
+        chunks = list(x.split(size))
+        if len(chunks[-1]) < size:
+            chunks[-1] = torch.cat([chunks[-1], chunks[-1].new_zeros(size - len(chunks[-1]),
+                                                                     *self.input_size)])
+        requests = self._compiled(size)[:len(chunks)]
+        for request, chunk in zip(requests, chunks):
+            request.start_async({0: chunk.numpy()}, share_inputs=True)
+        for request in requests:
+            request.wait()
+        outs = [torch.from_numpy(np.concatenate([r.get_output_tensor(i).data for r in requests])[:n])
+                for i in range(len(requests[0].model_outputs))]
+        return outs[0] if len(outs) == 1 else outs
 
 
 def default_export_path(source: str | Path, format: str) -> Path:

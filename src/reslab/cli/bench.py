@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from reslab.bench import BACKENDS
 from reslab.runtime import ALLOCATORS
 from reslab.train.config import COMPILE_MODES
 
@@ -24,8 +25,11 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="(train) BN and ReLU as separate PyTorch ops instead of reslab's fused CPU kernel")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                    help="(train) torch.compile mode; reduce-overhead replays CUDA graphs on a GPU")
-    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
-                   help="(infer) run reslab's model with PyTorch or ONNX Runtime")
+    p.add_argument("--backend", choices=BACKENDS, default="torch",
+                   help="(infer) run reslab's model with PyTorch, ONNX Runtime (fp32) or OpenVINO")
+    p.add_argument("--streams", type=int, default=None,
+                   help="(infer, openvino) split each batch into this many chunks run at once on "
+                        "OpenVINO's CPU streams (default: OpenVINO's choice; 1: one batch on all cores)")
     p.add_argument("--image-size", type=int, default=None, help="input side (default: native)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--repeats", type=int, default=5)
@@ -53,7 +57,7 @@ def _cuda() -> bool:
 def run(args: argparse.Namespace) -> int:
     from reslab.bench import bench_infer, bench_train
 
-    for flag in ("batch", "repeats", "iters", "peak_size"):
+    for flag in ("batch", "repeats", "iters", "peak_size", "streams"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
@@ -80,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
             if args.image_size is None and meta.get("image_size"):
                 common["image_size"] = int(meta["image_size"][-1])
         result = bench_infer(model or "resnet50", batch=args.batch or 16, fold_bn=args.fold_bn,
-                             backend=args.backend, checkpoint=args.checkpoint,
+                             backend=args.backend, streams=args.streams,
+                             checkpoint=args.checkpoint,
                              data_dir=args.data_dir, in_chans=in_chans, **common)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
