@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from reslab.data import (
-    AugmentSpec, DataError, InMemoryDataset, augment_batch, batches, center_crop, mean_colour, normalize,
-    ten_crop,
+    AugmentSpec, DataError, InMemoryDataset, alternating_flips, augment_batch, batches, center_crop,
+    mean_colour, normalize, ten_crop,
 )
 
 
@@ -51,6 +51,42 @@ def test_flip_mirrors_a_random_subset_of_samples():
     kept = [torch.equal(o, i) for o, i in zip(out, x)]
     assert all(f != k for f, k in zip(flipped, kept))
     assert 16 < sum(flipped) < 48
+
+
+def test_a_given_flip_mirrors_exactly_those_samples_and_draws_nothing_for_them():
+    x = images(n=8)
+    flip = torch.tensor([True, False] * 4)
+    out = augment_batch(x, AugmentSpec(pad=0, flip=True), gen(1), flip)
+    assert torch.equal(out, torch.where(flip[:, None, None, None], x.flip(-1), x))
+    g1, g2 = gen(3), gen(3)  # crops and cutout come out as without a given flip, only the flip moves
+    spec = AugmentSpec(pad=2, flip=True, cutout=3)
+    a, b = augment_batch(x, spec, g1, flip), augment_batch(x, AugmentSpec(pad=2, flip=False, cutout=3), g2)
+    assert torch.equal(a[~flip], b[~flip])
+
+
+@pytest.mark.parametrize("flip, spec, message", [
+    (torch.ones(3, dtype=torch.bool), AugmentSpec(flip=True), "flip must be 8 booleans"),
+    (torch.ones(8), AugmentSpec(flip=True), "flip must be 8 booleans"),
+    (torch.ones(8, dtype=torch.bool), AugmentSpec(flip=False), "spec.flip=False"),
+])
+def test_a_bad_given_flip_is_rejected(flip, spec, message):
+    with pytest.raises(DataError, match=message):
+        augment_batch(images(n=8), spec, gen(0), flip)
+
+
+def test_alternating_flips_mirror_half_first_then_every_image_every_other_epoch():
+    epochs = [alternating_flips(11, e, gen(5)) for e in range(4)]
+    assert int(epochs[0].sum()) == 6  # a random half (rounded up), not a coin per image
+    assert torch.equal(epochs[1], ~epochs[0]) and torch.equal(epochs[2], epochs[0])
+    assert torch.equal(epochs[3], epochs[1])
+    assert not torch.equal(epochs[0], alternating_flips(11, 0, gen(6)))  # the half is seeded
+    assert epochs[0].tolist() != [True] * 6 + [False] * 5
+
+
+def test_batches_can_carry_their_dataset_indices():
+    ds = InMemoryDataset(images(n=10), torch.arange(10) * 3)
+    for imgs, labels, index in batches(ds, 4, shuffle=True, generator=gen(7), with_index=True):
+        assert torch.equal(labels, index * 3) and torch.equal(imgs, ds.images[index])
 
 
 def test_crop_and_flip_together_are_a_mirrored_translation():

@@ -43,13 +43,15 @@ def test_a_second_train_into_the_same_folder_is_refused(tmp_path, tiny):
         train(tiny(out=str(tmp_path), epochs=1))
 
 
-@pytest.mark.parametrize("bn", [{}, {"freeze_bn_scale": True, "bn_shift_lr": 16.0}],
-                         ids=["plain", "frozen-bn-scales-fast-shifts"])
-def test_interrupted_and_resumed_run_equals_uninterrupted_bitwise(tmp_path, tiny, stop_at_step, bn):
+@pytest.mark.parametrize("more", [{}, {"freeze_bn_scale": True, "bn_shift_lr": 16.0, "flip": True,
+                                  "alternate_flip": True}],
+                         ids=["plain", "frozen-bn-scales-fast-shifts-alternating-flip"])
+def test_interrupted_and_resumed_run_equals_uninterrupted_bitwise(tmp_path, tiny, stop_at_step, more):
     # Stop mid-epoch (step 4 of 3-step epochs) with EMA, cutout and label smoothing on, so the
     # optimizer, EMA, augmentation generator and partial epoch sums all have to be restored; with
-    # `bn`, also the optimizer's group of BN shifts with its lr_scale, and the frozen scales.
-    cfg = dict(ema_decay=0.9, cutout=3, label_smoothing=0.1, recipe="fast", precision="fp32", **bn)
+    # `more`, also the optimizer's group of BN shifts with its lr_scale, the frozen scales, and
+    # the second epoch's alternating flips (each image's, from the run's seed).
+    cfg = dict(ema_decay=0.9, cutout=3, label_smoothing=0.1, recipe="fast", precision="fp32", **more)
     full = train(tiny(out=str(tmp_path / "a"), **cfg))
     part = train(tiny(out=str(tmp_path / "b"), **cfg), callbacks=[stop_at_step(4)])
     assert (part.status, part.steps, part.epochs) == ("stopped", 4, 1)

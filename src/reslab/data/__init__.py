@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from .augment import augment_batch, batches, center_crop, normalize, ten_crop
+from .augment import alternating_flips, augment_batch, batches, center_crop, normalize, ten_crop
 from .base import (
     PAD_MODES, AugmentSpec, DataError, DatasetBundle, DatasetNotFoundError, InMemoryDataset,
     UnknownDatasetError, check_limit, default_data_dir, mean_colour,
@@ -82,6 +82,6 @@ def load_dataset(
 __all__ = [
     "DATASETS", "PAD_MODES", "AugmentSpec", "CorruptImageError", "DataError", "DatasetBundle",
     "DatasetNotFoundError", "DownloadError", "FolderDataset", "InMemoryDataset",
-    "UnknownDatasetError", "augment_batch", "batches", "center_crop", "default_data_dir",
+    "UnknownDatasetError", "alternating_flips", "augment_batch", "batches", "center_crop", "default_data_dir",
     "load_dataset", "mean_colour", "normalize", "ten_crop",
 ]

@@ -16,7 +16,8 @@ from .base import AugmentSpec, DataError, InMemoryDataset
 
 
 def augment_batch(
-    x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator | None = None
+    x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator | None = None,
+    flip: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Random crop of the padded image, horizontal flip and cutout, per sample.
 
@@ -28,10 +29,14 @@ def augment_batch(
     2017) paints a `spec.cutout`-sided square centred at a uniform random pixel, clipped at the
     border, in `spec.fill` (black when empty). `x` is uint8 (N, C, H, W); the result has the same
     shape and dtype (it is `x` itself when `spec` does nothing). Draws, in this order: dy, dx,
-    flip, cutout centre.
+    flip, cutout centre. A given `flip` (N booleans: which samples to mirror, as
+    `alternating_flips` makes them) replaces the flip draw; `spec.flip` must be on.
     """
     if x.dtype != torch.uint8 or x.dim() != 4:
         raise DataError(f"augment_batch expects uint8 (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
+    if flip is not None and (not spec.flip or flip.shape != (len(x),) or flip.dtype != torch.bool):
+        raise DataError(f"flip must be {len(x)} booleans for a batch of {len(x)} with spec.flip on; "
+                        f"got {flip.dtype} {tuple(flip.shape)} with spec.flip={spec.flip}")
     if not spec.enabled or len(x) == 0:
         return x
     n, c, h, w = x.shape
@@ -59,7 +64,9 @@ def augment_batch(
         zeros = torch.zeros(n, dtype=torch.int64, device=x.device)
         dy = randint(2 * p + 1) if p else zeros
         dx = randint(2 * p + 1) if p else zeros
-        flip = randint(2).bool() if spec.flip else zeros.bool()
+        if flip is None:
+            flip = randint(2).bool() if spec.flip else zeros.bool()
+        flip = flip.to(x.device)
         rows = dy[:, None] - p + torch.arange(h, device=x.device)  # (N, H), source rows
         cols = torch.arange(w, device=x.device).expand(n, w)
         cols = dx[:, None] - p + torch.where(flip[:, None], w - 1 - cols, cols)  # (N, W)
@@ -80,6 +87,16 @@ def augment_batch(
         in_cols = (xs >= left[:, None]) & (xs < left[:, None] + spec.cutout)  # (N, W)
         out = torch.where((in_rows[:, :, None] & in_cols[:, None, :])[:, None], fill, out)
     return out
+
+
+def alternating_flips(n: int, epoch: int, generator: torch.Generator,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """Which of `n` samples to mirror in `epoch` (0-based) under airbench's alternating flip
+    (Jordan 2024, Sec. 3.6): a random half in epoch 0 (drawn from `generator`, which must be in
+    the same state every epoch: the draw fixes each sample's parity), then each sample exactly
+    in the epochs where the first one did not mirror it. Index the result by dataset index."""
+    first = torch.randperm(n, generator=generator, device=generator.device) < (n + 1) // 2
+    return (first ^ bool(epoch % 2)).to(device if device is not None else first.device)
 
 
 def reflect_index(i: torch.Tensor, n: int) -> torch.Tensor:
@@ -134,8 +151,10 @@ def batches(
     drop_last: bool = False,
     rank: int = 0,
     world_size: int = 1,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of (uint8 images, int64 labels) batches, sliced on the dataset's device.
+    with_index: bool = False,
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """One epoch of (uint8 images, int64 labels) batches, sliced on the dataset's device; with
+    `with_index` each batch also carries its samples' dataset indices (a third tensor).
 
     With `world_size > 1`, every rank must pass a generator in the same state: all ranks then
     draw the same permutation and rank r takes positions r, r + world_size, ... of it. When the
@@ -165,7 +184,7 @@ def batches(
     stop = count - count % batch_size if drop_last else count
     for start in range(0, stop, batch_size):
         index = order[start : start + batch_size]
-        yield ds.images[index], ds.labels[index]
+        yield (ds.images[index], ds.labels[index]) + ((index,) if with_index else ())
 
 
 def center_crop(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:

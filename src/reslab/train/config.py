@@ -63,6 +63,10 @@ class TrainConfig:
     data_options: dict = _f("dataset options, e.g. image_size=64 num_train=500", default={})
     pad: int | None = _f("random-crop padding (default: the dataset's)", default=None, minimum=0)
     flip: bool | None = _f("random horizontal flip (default: the dataset's)", default=None)
+    alternate_flip: bool = _f("airbench's derandomised flip (Jordan 2024): a random half of the "
+                              "images is flipped in the first epoch, and every image is flipped in "
+                              "every other epoch after that, so each is seen both ways in any two "
+                              "epochs (in-memory datasets; needs flip)", default=False)
     cutout: int | None = _f("cutout square side, 0 = off (default: the dataset's)",
                             default=None, minimum=0)
     pad_mode: str | None = _f("what a random crop sees beyond the border: zero (black), mean (the "

@@ -35,7 +35,8 @@ from torch import nn
 
 from ..checkpoint import _unwrap, save_model
 from ..data import (
-    AugmentSpec, DatasetBundle, InMemoryDataset, augment_batch, batches, load_dataset, mean_colour, normalize,
+    AugmentSpec, DatasetBundle, InMemoryDataset, alternating_flips, augment_batch, batches,
+    load_dataset, mean_colour, normalize,
 )
 from .config import ERROR_WARMUP_MIN_DEPTH, RUNTIME_FIELDS, TrainConfig
 from .dist import DistContext, backend_for, check_sync_bn, process_group, torchrun_environment, wrap_model
@@ -224,12 +225,12 @@ def fit(
             while run.state.step < run.total_steps:
                 run.model.train()
                 run.start_clock()
-                for x8, y in run.epoch_batches():
+                for x8, y, flip in run.epoch_batches():
                     run.state.lr = run.lr()
                     for group in run.optimizer.param_groups:
                         group["lr"] = run.state.lr * group.get("lr_scale", 1.0)
-                    x = normalize(augment_batch(x8, run.augment, run.aug_gen), data.mean, data.std,
-                                  channels_last=run.config.channels_last)
+                    x = normalize(augment_batch(x8, run.augment, run.aug_gen, flip), data.mean,
+                                  data.std, channels_last=run.config.channels_last)
                     out = run.train_step(x, y)
                     if run.ema is not None:
                         run.ema.update(run.model)
@@ -305,6 +306,13 @@ def resolve_config(config: TrainConfig, data: DatasetBundle) -> TrainConfig:
             f"--eval-tta 10crop during training needs an in-memory dataset (digits, cifar10, "
             f"cifar100, synthetic), not {data.name!r}; train with --eval-tta none or flip and "
             "evaluate the run afterwards with `reslab eval RUN --tta 10crop`")
+    if config.alternate_flip and not data.in_memory:
+        raise ValueError(
+            f"--alternate-flip needs an in-memory dataset (digits, cifar10, cifar100, synthetic): "
+            f"{data.name!r} images are flipped one at a time by its loader; use the random flip")
+    if config.alternate_flip and not (data.augment.flip if config.flip is None else config.flip):
+        raise ValueError("--alternate-flip decides which images to flip, but flipping is off "
+                         "(--no-flip or the dataset's default); drop one of the two")
     warmup = config.error_warmup
     if warmup == "auto":
         warmup = "on" if model_info(config.model).depth >= ERROR_WARMUP_MIN_DEPTH else "off"
@@ -446,16 +454,23 @@ class _Run:
         return derive_seed(self.config.seed, *tags, *rank)
 
     # --- data and lr
-    def epoch_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The current epoch's (uint8 images, labels) on the device, after the batches done."""
+    def epoch_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """The current epoch's (uint8 images, labels, which to flip or None: draw at random) on
+        the device, after the batches done."""
         cfg, st = self.config, self.state
         order = torch.Generator().manual_seed(derive_seed(cfg.seed, "order", st.epoch))
         if isinstance(self.train_set, InMemoryDataset):
             # The step count ends the epoch (islice), so a short last batch is never used; the
             # permutation is padded to a multiple of world_size, as the folder sampler's is.
             it = batches(self.train_set, cfg.batch_size, shuffle=True, generator=order,
-                         rank=self.dist.rank, world_size=self.dist.world_size)
-            yield from islice(it, st.batch, self.steps_per_epoch)
+                         rank=self.dist.rank, world_size=self.dist.world_size, with_index=True)
+            flips = None
+            if cfg.alternate_flip:  # one parity per image, the same on every rank
+                parity = torch.Generator().manual_seed(derive_seed(cfg.seed, "flip"))
+                flips = alternating_flips(len(self.train_set), st.epoch, parity,
+                                          self.train_set.images.device)
+            for x8, y, index in islice(it, st.batch, self.steps_per_epoch):
+                yield x8, y, None if flips is None else flips[index]
             return
         sampler = _EpochSampler(len(self.train_set), order, self.dist, skip=st.batch * cfg.batch_size)
         loader = torch.utils.data.DataLoader(
@@ -464,7 +479,7 @@ class _Run:
             generator=torch.Generator().manual_seed(self.seed("workers", st.epoch)),
         )
         for x, y in islice(loader, self.steps_per_epoch - st.batch):
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), None
 
     def start_clock(self) -> None:
         self.epoch_clock = time.perf_counter()
