@@ -65,9 +65,9 @@ def augment_generators(monkeypatch):
     seen: list[tuple[torch.Generator, torch.Tensor]] = []
     real = loop.augment_batch
 
-    def spy(x, spec, generator=None):
+    def spy(x, spec, generator=None, flip=None):
         seen.append((generator, generator.get_state().clone()))
-        return real(x, spec, generator)
+        return real(x, spec, generator, flip)
 
     monkeypatch.setattr(loop, "augment_batch", spy)
     return seen
@@ -227,9 +227,9 @@ def test_the_loop_augments_with_the_pad_mode_and_the_datasets_mean_colour(tiny, 
     specs: list[AugmentSpec] = []
     real = loop.augment_batch
 
-    def spy(x, spec, generator=None):
+    def spy(x, spec, generator=None, flip=None):
         specs.append(spec)
-        return real(x, spec, generator)
+        return real(x, spec, generator, flip)
 
     monkeypatch.setattr(loop, "augment_batch", spy)
     cfg = tiny(epochs=1, pad_mode="reflect", cutout=2)
