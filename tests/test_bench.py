@@ -98,6 +98,15 @@ def test_bench_infer_with_openvino_says_what_it_ran():
     r32 = bench_infer("resnet20", batch=3, backend="openvino", precision="fp32", **TINY)
     assert r32.settings["inference_precision"] == "fp32" and r32.settings["streams"] >= 1
     assert r32.checks["max_abs_logit_diff"] < 1e-3
+    assert r32.fraction_of_peak == pytest.approx(r32.achieved_flops / r32.peak_flops["fp32"])
+
+
+def test_bench_infer_with_onnxruntime_is_measured_against_the_fp32_peak():
+    # ONNX Runtime runs the fp32 export: asked for bf16, it says so and uses the fp32 peak.
+    r = bench_infer("resnet20", batch=2, backend="onnxruntime", **TINY)
+    assert r.settings["precision"] == "bf16" and r.settings["inference_precision"] == "fp32"
+    assert r.fraction_of_peak == pytest.approx(r.achieved_flops / r.peak_flops["fp32"])
+    assert r.checks["max_abs_logit_diff"] < 1e-3
 
 
 @pytest.mark.parametrize("kwargs, message", [

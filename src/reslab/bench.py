@@ -393,10 +393,14 @@ def bench_infer(name: str = "resnet50", *, batch: int = 16, precision: str = "bf
     fast_kwargs = dict(precision=precision, channels_last=channels_last, fold_bn=fold_bn,
                        compile=compile, backend=backend, streams=streams)
     run_fast = fast_path(model.to(device), size, **fast_kwargs)
-    extra = {}
+    extra, computes_in = {}, precision  # the precision the arithmetic runs in: which peak applies
     if backend == "openvino":  # what it chose: the streams, and bf16 only where the CPU has it
         fast_kwargs["streams"] = run_fast.streams
-        extra = dict(inference_precision=run_fast.inference_precision, openvino=run_fast.version)
+        computes_in = run_fast.inference_precision
+        extra = dict(inference_precision=computes_in, openvino=run_fast.version)
+    elif backend == "onnxruntime":  # runs the fp32 export whatever `precision` says
+        computes_in = "fp32"
+        extra = dict(inference_precision=computes_in)
     # PyTorch's fast path takes channels-last input; the other runtimes read NCHW arrays.
     xf = x.to(memory_format=torch.channels_last) if channels_last and backend == "torch" else x
 
@@ -418,7 +422,7 @@ def bench_infer(name: str = "resnet50", *, batch: int = 16, precision: str = "bf
                                               device=device))
     macs = complexity(model, size).macs
     achieved = 2 * macs * m["reslab"].images_per_sec
-    peak = peaks["bf16" if precision in ("bf16", "fp16") else "fp32"]
+    peak = peaks["bf16" if computes_in in ("bf16", "fp16") else "fp32"]
     return BenchResult(
         "infer", name, batch, size, device,
         dict(fast_kwargs, allocator=allocator, threads=torch.get_num_threads(), **extra),
