@@ -253,8 +253,11 @@ def test_openvino_session_errors(monkeypatch):
     with pytest.raises(ValueError, match="streams must be >= 1"):
         OpenVINOSession(model, (3, 16, 16), streams=0)
     run = OpenVINOSession(model, (3, 16, 16), precision="fp32", streams=1)
-    with pytest.raises(ValueError, match=r"expected a batch of shape \(N, 3, 16, 16\), got \(2, 3, 32, 32\)"):
+    with pytest.raises(ValueError, match=r"expected a batch of shape \(N, 3, 16, 16\) with N >= 1, "
+                                         r"got \(2, 3, 32, 32\)"):
         run(torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"with N >= 1, got \(0, 3, 16, 16\)"):
+        run(torch.randn(0, 3, 16, 16))
     monkeypatch.setattr("reslab.export._max_diff", lambda out, ref: (0.5, 1.0))
     with pytest.raises(ExportCheckError, match="conversion differs from PyTorch by up to 0.5"):
         OpenVINOSession(model, (3, 16, 16), fold_bn=False)

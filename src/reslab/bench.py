@@ -258,8 +258,8 @@ def _measure(model_fns: dict[str, Callable[[], None]], batch: int, *, peak_n: in
         ways, flops = _matmul_calls(dtype, device, peak_n)
         for way, fn in ways.items():
             fns[f"{precision} {way}"], per_call[f"{precision} {way}"] = fn, flops
-    m = _interleaved(fns, per_call, device=device, settle=dict.fromkeys(set(fns) - set(model_fns), 1),
-                     **timing)
+    peak_fns = set(fns) - set(model_fns)
+    m = _interleaved(fns, per_call, device=device, settle=dict.fromkeys(peak_fns, 1), **timing)
     detail = {p: {way: m.pop(f"{p} {way}").images_per_sec for way in ("matmul", "conv1x1")}
               for p in ("fp32", "bf16")}
     return m, {k: max(v.values()) for k, v in detail.items()}, detail

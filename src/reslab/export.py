@@ -395,9 +395,10 @@ class OpenVINOSession:
         return [result[key] for key in result.keys()]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.input_size:
-            raise ValueError(f"expected a batch of shape (N, {', '.join(map(str, self.input_size))}), "
-                             f"got {tuple(x.shape)}; the session was made for that input size")
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.input_size or len(x) == 0:
+            shape = ", ".join(map(str, self.input_size))
+            raise ValueError(f"expected a batch of shape (N, {shape}) with N >= 1, got "
+                             f"{tuple(x.shape)}; the session was made for that input size")
         n = len(x)
         x = x.detach().cpu().float().contiguous()
         size = -(-n // min(self.streams, n))  # ceil: at most `streams` chunks of equal size

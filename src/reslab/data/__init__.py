@@ -82,6 +82,6 @@ def load_dataset(
 __all__ = [
     "DATASETS", "PAD_MODES", "AugmentSpec", "CorruptImageError", "DataError", "DatasetBundle",
     "DatasetNotFoundError", "DownloadError", "FolderDataset", "InMemoryDataset",
-    "UnknownDatasetError", "alternating_flips", "augment_batch", "batches", "center_crop", "default_data_dir",
-    "load_dataset", "mean_colour", "normalize", "ten_crop",
+    "UnknownDatasetError", "alternating_flips", "augment_batch", "batches", "center_crop",
+    "default_data_dir", "load_dataset", "mean_colour", "normalize", "ten_crop",
 ]
