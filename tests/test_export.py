@@ -233,6 +233,18 @@ def test_openvino_session_splits_a_batch_across_streams_exactly(streams, batches
     assert set(run._requests) == {-(-n // min(streams, n)) for n in batches}
 
 
+@pytest.mark.parametrize("name", ["densenet40_k12", "highway20", "preact_resnet18", "resnet9"])
+def test_openvino_session_runs_every_family(name):
+    # Concatenations (DenseNet), gates (Highway), pre-activation, ResNet-9's pooling: each
+    # converted model must pass the fp32 check and split like the ResNets.
+    model = reslab.create_model(name, num_classes=4)
+    run = OpenVINOSession(model, (3, 32, 32), precision="fp32", streams=2)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = model.eval()(x)
+    torch.testing.assert_close(run(x), ref, atol=1e-4 * max(1.0, ref.abs().max().item()), rtol=1e-4)
+
+
 def test_openvino_session_in_bf16_and_for_a_feature_extractor():
     model = randomize_bn(reslab.create_model("resnet20", num_classes=3))
     run = OpenVINOSession(model, (3, 16, 16))  # bf16; OpenVINO's choice of streams
