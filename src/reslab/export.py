@@ -37,6 +37,7 @@ from .checkpoint import atomic_path
 FORMATS = ("onnx", "torchscript", "exported-program")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "exported-program": ".pt2"}
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CHECK_TOLERANCE = 1e-4  # how far a converted model may differ from PyTorch, relative to max|output|
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
@@ -233,7 +234,7 @@ def export_model(
     dynamic_batch: bool = False,
     fold_bn: bool = False,
     opset: int | None = None,
-    tolerance: float = 1e-4,
+    tolerance: float = CHECK_TOLERANCE,
 ) -> ExportResult:
     """Export a model (or a reslab model file / run folder) and check the file against eager.
 
@@ -361,7 +362,7 @@ class OpenVINOSession:
                                          {**base, "INFERENCE_PRECISION_HINT": "f32"})
         diff, scale = _max_diff(self._outputs(check.create_infer_request().infer({0: x.numpy()})),
                                 reference)
-        if not diff <= 1e-4 * max(1.0, scale):  # export_model's default tolerance
+        if not diff <= CHECK_TOLERANCE * max(1.0, scale):
             raise ExportCheckError(
                 f"OpenVINO {self.version}'s conversion differs from PyTorch by up to {diff:.3g} "
                 f"(output scale {scale:.3g}) in fp32; run this model with another backend")

@@ -306,17 +306,10 @@ def resolve_config(config: TrainConfig, data: DatasetBundle) -> TrainConfig:
             f"--eval-tta 10crop during training needs an in-memory dataset (digits, cifar10, "
             f"cifar100, synthetic), not {data.name!r}; train with --eval-tta none or flip and "
             "evaluate the run afterwards with `reslab eval RUN --tta 10crop`")
-    if config.alternate_flip and not data.in_memory:
-        raise ValueError(
-            f"--alternate-flip needs an in-memory dataset (digits, cifar10, cifar100, synthetic): "
-            f"{data.name!r} images are flipped one at a time by its loader; use the random flip")
-    if config.alternate_flip and not (data.augment.flip if config.flip is None else config.flip):
-        raise ValueError("--alternate-flip decides which images to flip, but flipping is off "
-                         "(--no-flip or the dataset's default); drop one of the two")
     warmup = config.error_warmup
     if warmup == "auto":
         warmup = "on" if model_info(config.model).depth >= ERROR_WARMUP_MIN_DEPTH else "off"
-    return config.replace(
+    resolved = config.replace(
         num_classes=config.num_classes or data.num_classes,
         in_chans=config.in_chans or data.in_chans,
         epochs=config.epochs_or_default(),
@@ -327,6 +320,14 @@ def resolve_config(config: TrainConfig, data: DatasetBundle) -> TrainConfig:
         error_warmup=warmup,
         device=resolve_device(config.device),
     )
+    if resolved.alternate_flip and not data.in_memory:
+        raise ValueError(
+            f"--alternate-flip needs an in-memory dataset (digits, cifar10, cifar100, synthetic): "
+            f"{data.name!r} images are flipped one at a time by its loader; use the random flip")
+    if resolved.alternate_flip and not resolved.flip:
+        raise ValueError("--alternate-flip decides which images to flip, but flipping is off "
+                         "(--no-flip or the dataset's default); drop one of the two")
+    return resolved
 
 
 def resolve_device(device: str) -> str:
