@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from reslab import create_model
 from reslab.bench import (
-    agreement, as_conv1x1, baseline_for, bench_infer, bench_train, fast_path, matmul_peak,
-    matmul_rates, _interleaved,
+    agreement, as_conv1x1, available_backends, baseline_for, bench_backends, bench_infer,
+    bench_train, fast_path, matmul_peak, matmul_rates, _interleaved,
 )
 from reslab.cli import main
 
@@ -59,6 +59,22 @@ def test_repeats_are_interleaved_and_rated_in_their_own_units():
         "baseline", "baseline", "reslab", "reslab", "bf16 matmul", "bf16 matmul"]
     assert all(len(v.repeats) == 3 for v in m.values())
     assert m["bf16 matmul"].images_per_sec / m["reslab"].images_per_sec > 1e5  # FLOPs, not images
+
+
+def test_every_timed_block_follows_an_untimed_call_of_its_own(monkeypatch):
+    import reslab.bench as bench
+
+    seen = {}
+
+    def spy(fns, per_call, *, settle, **kw):
+        seen.update(settle)
+        return _interleaved(fns, per_call, settle=settle, **kw)
+
+    monkeypatch.setattr(bench, "_interleaved", spy)
+    bench._measure({"baseline": lambda: None, "torch": lambda: None}, 2, peak_n=64, device="cpu",
+                   warmup=0, repeats=1, iters=1)
+    assert seen == dict.fromkeys(["baseline", "torch", "fp32 matmul", "fp32 conv1x1",
+                                  "bf16 matmul", "bf16 conv1x1"], 1)
 
 
 def test_bench_train_result_is_consistent():
@@ -109,9 +125,45 @@ def test_bench_infer_with_onnxruntime_is_measured_against_the_fp32_peak():
     assert r.checks["max_abs_logit_diff"] < 1e-3
 
 
+def test_backends_are_timed_side_by_side_against_one_baseline_and_peak():
+    rs = bench_backends("resnet20", backends=("openvino", "torch", "onnxruntime"), batch=3,
+                        precision="bf16", compile=False, streams=2, **TINY)
+    assert [r.settings["backend"] for r in rs] == ["openvino", "torch", "onnxruntime"]
+    assert all(r.baseline == rs[0].baseline and r.peak_flops == rs[0].peak_flops for r in rs)
+    ov, pt, ort = rs
+    assert ov.settings["streams"] == 2 and pt.settings["streams"] is None  # streams: OpenVINO's
+    assert ort.settings["streams"] is None and ort.settings["inference_precision"] == "fp32"
+    for r in rs:
+        assert r.reslab.label == "reslab" and len(r.reslab.repeats) == TINY["repeats"]
+        assert r.speedup == pytest.approx(r.reslab.images_per_sec / r.baseline.images_per_sec)
+        assert r.checks["baseline_equals_reslab_fp32"] is True
+    assert pt.fraction_of_peak == pytest.approx(pt.achieved_flops / pt.peak_flops["bf16"])
+    assert ort.fraction_of_peak == pytest.approx(ort.achieved_flops / ort.peak_flops["fp32"])
+    assert ort.checks["max_abs_logit_diff"] < 1e-3
+
+
+def test_available_backends():
+    assert available_backends("cpu") == ("torch", "onnxruntime", "openvino")  # the dev extras
+    assert available_backends("cuda") == ("torch",)  # the others are CPU runtimes
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(backends=()), "backends is empty; name at least one of torch, onnxruntime, openvino"),
+    (dict(backends=("torch", "torch")), "each backend once, please; got torch, torch"),
+    (dict(backends=("torch", "tvm")), "backend must be one of torch, onnxruntime, openvino; got 'tvm'"),
+    (dict(backends=("onnxruntime",), compile=True), "compile is torch.compile, for backend='torch'"),
+    (dict(backends=("torch",), streams=2), "streams split a batch across OpenVINO's streams"),
+])
+def test_bench_backends_errors(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        bench_backends("resnet20", batch=2, **kwargs, **TINY)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(backend="tensorrt"), "backend must be one of torch, onnxruntime, openvino; got 'tensorrt'"),
     (dict(streams=2), "streams split a batch across OpenVINO's streams; use backend='openvino'"),
+    (dict(backend="openvino", compile=True),
+     "compile is torch.compile, for backend='torch'; the openvino backend compiles the model itself"),
 ])
 def test_fast_path_errors(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -126,8 +178,26 @@ def test_cli_json_output(capsys):
     assert doc["model"] == "resnet20" and doc["settings"]["precision"] == "bf16"
 
 
+def test_cli_names_the_fastest_of_several_backends(capsys):
+    argv = ["bench", "infer", "--model", "resnet20", "--batch", "2", "--repeats", "1", "--iters",
+            "1", "--warmup", "0", "--peak-size", "64"]
+    assert main([*argv, "--backend", "torch,onnxruntime", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    rates = {r["settings"]["backend"]: r["reslab"]["images_per_sec"] for r in doc["results"]}
+    assert list(rates) == ["torch", "onnxruntime"] and doc["fastest"] == max(rates, key=rates.get)
+    assert main([*argv, "--backend", "all"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"fastest here: --backend (torch|onnxruntime|openvino)\n", out)
+    for b in ("torch", "onnxruntime", "openvino"):
+        assert f"check {b} random_input_top1_agreement" in out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["bench", "train", "--batch", "0"], "--batch must be >= 1, got 0"),
+    (["bench", "train", "--backend", "openvino"],
+     "--backend and --streams apply to `reslab bench infer`; training runs in PyTorch"),
+    (["bench", "infer", "--backend", "openvino", "--compile", "--peak-size", "64"],
+     "compile is torch.compile, for backend='torch'"),
     (["bench", "train", "--checkpoint", "x"], "--checkpoint applies to `reslab bench infer`"),
     (["bench", "infer", "--model", "preact_resnet110", "--peak-size", "64"],
      "original unit and shortcut A or B"),
@@ -136,6 +206,18 @@ def test_cli_json_output(capsys):
 def test_cli_errors(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value, message", [
+    ("openvino,tvm", "unknown backend 'tvm': choose from torch, onnxruntime, openvino, a "
+                     "comma-separated list of them, or all"),
+    ("torch,torch", "each backend once, please; got 'torch,torch'"),
+])
+def test_cli_refuses_bad_backends(value, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "infer", "--backend", value])
+    assert e.value.code == 2
+    assert f"argument --backend: {message}" in capsys.readouterr().err
 
 
 def test_cli_refuses_an_unknown_allocator(capsys):
@@ -169,3 +251,30 @@ def test_agreement_on_a_trained_model(tmp_path):
     # `bench infer --backend openvino --checkpoint` checks the OpenVINO session itself.
     d = agreement(str(run), dict(precision="fp32", backend="openvino", streams=2))
     assert d.top1_agreement == 1.0 and d.fast_top1_error == a.fast_top1_error
+
+
+def test_cli_benchmarks_a_checkpoints_own_architecture(tmp_path, capsys):
+    from reslab.train import TrainConfig, train
+
+    run = tmp_path / "run"
+    train(TrainConfig.from_recipe("default", model="resnet20", data="digits", epochs=1,
+                                  train_limit=128, out=str(run), progress="none",
+                                  model_kwargs={"shortcut": "B"}))
+    assert main(["bench", "infer", "--checkpoint", str(run), "--batch", "2", "--repeats", "1",
+                 "--iters", "1", "--warmup", "0", "--peak-size", "64", "--backend",
+                 "torch,openvino", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    for r in doc["results"]:
+        # the trained model's options (shortcut B: projections, more parameters and MACs)
+        kw = r["settings"]["model_kwargs"]
+        assert (kw["shortcut"], kw["in_chans"], kw["num_classes"]) == ("B", 1, 10)
+        assert r["input_size"] == [1, 8, 8]
+        assert r["macs_per_image"] == reslab_macs("resnet20", (1, 8, 8), shortcut="B", in_chans=1)
+        assert r["checks"]["test_set"]["images"] == 360
+        assert r["checks"]["test_set"]["top1_agreement"] >= 0.9
+
+
+def reslab_macs(name, size, **kwargs):
+    from reslab import complexity
+
+    return complexity(create_model(name, **kwargs), size).macs

@@ -25,13 +25,14 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .inference import BACKENDS, available_backends, fast_path  # noqa: F401 (re-exported)
 from .models import complexity, create_model, model_info
 from .runtime import ALLOCATORS, allocator_tuned, minor_faults, tune_allocator
 
@@ -250,16 +251,17 @@ def _measure(model_fns: dict[str, Callable[[], None]], batch: int, *, peak_n: in
     """Baseline and reslab (images/s), and the peak of each precision with the rates it is the
     best of (FLOP/s), all in one interleaved loop: a machine whose speed drifts (this project's
     2-core machines read the bf16 peak anywhere from 2.25 to 2.75 TFLOP/s within minutes) moves
-    the model and its peak together, and the fraction of the peak stays put. Each timed block of
-    matmuls follows one untimed matmul: right after a model's calls the first one runs on cold
-    caches (12% slower on the AMX machine), and the peak is the steady-state rate."""
+    the model and its peak together, and the fraction of the peak stays put. Each timed block
+    follows one untimed call of its own function, so that every rate is a steady state whatever
+    ran before: right after a model's calls the first matmul runs on cold caches (12% slower on the
+    AMX machine), and right after ONNX Runtime's calls its thread pool still spins on the cores
+    (OpenVINO timed next ran at 240 img/s instead of 280-290, ResNet-50 batch 16, 2026-11-24)."""
     fns, per_call = dict(model_fns), dict.fromkeys(model_fns, batch)
     for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         ways, flops = _matmul_calls(dtype, device, peak_n)
         for way, fn in ways.items():
             fns[f"{precision} {way}"], per_call[f"{precision} {way}"] = fn, flops
-    peak_fns = set(fns) - set(model_fns)
-    m = _interleaved(fns, per_call, device=device, settle=dict.fromkeys(peak_fns, 1), **timing)
+    m = _interleaved(fns, per_call, device=device, settle=dict.fromkeys(fns, 1), **timing)
     detail = {p: {way: m.pop(f"{p} {way}").images_per_sec for way in ("matmul", "conv1x1")}
               for p in ("fp32", "bf16")}
     return m, {k: max(v.values()) for k, v in detail.items()}, detail
@@ -317,35 +319,6 @@ class Agreement:
     fast_top1_error: float
 
 
-BACKENDS = ("torch", "onnxruntime", "openvino")
-
-
-def fast_path(model: nn.Module, input_size: tuple[int, int, int], *, backend: str = "torch",
-              streams: int | None = None, **kwargs) -> Callable[[torch.Tensor], torch.Tensor]:
-    """reslab's fastest way to run `model` with `backend`: `optimize_for_inference(model,
-    **kwargs)` for torch, the checked ONNX export in onnxruntime (fp32; only ``fold_bn`` applies),
-    or an `OpenVINOSession` (``precision``, ``fold_bn`` and ``streams`` apply)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    if backend != "openvino" and streams is not None:
-        raise ValueError("streams split a batch across OpenVINO's streams; use backend='openvino'")
-    if backend == "torch":
-        from .inference import optimize_for_inference
-
-        return optimize_for_inference(model, **kwargs)
-    if next(model.parameters()).device.type != "cpu":
-        raise ValueError(f"the {backend} backend runs on the CPU; the model is on "
-                         f"{next(model.parameters()).device}")
-    if backend == "onnxruntime":
-        from .export import onnxruntime_session
-
-        return onnxruntime_session(model, input_size, fold_bn=kwargs.get("fold_bn", True))
-    from .export import OpenVINOSession
-
-    return OpenVINOSession(model, input_size, precision=kwargs.get("precision", "bf16"),
-                           streams=streams, fold_bn=kwargs.get("fold_bn", True))
-
-
 def agreement(path: str, fast_kwargs: dict, *, data_dir: str | None = None, device: str = "cpu",
               batch: int = 500, limit: int | None = None) -> Agreement:
     """Run a trained model file/run folder in fp32 and through `fast_path(model, **fast_kwargs)`
@@ -371,64 +344,109 @@ def agreement(path: str, fast_kwargs: dict, *, data_dir: str | None = None, devi
     return Agreement(bundle.name, n, same / n, wrong_ref / n, wrong_fast / n)
 
 
-def bench_infer(name: str = "resnet50", *, batch: int = 16, precision: str = "bf16",
-                channels_last: bool = True, fold_bn: bool = True, compile: bool = False,
-                backend: str = "torch", streams: int | None = None,
-                image_size: int | None = None, in_chans: int = 3,
-                device: str = "cpu", warmup: int = 2, repeats: int = 5, iters: int = 3,
-                peak_n: int | None = None, checkpoint: str | None = None,
-                data_dir: str | None = None, allocator: str = "system") -> BenchResult:
-    """Inference images/s of reslab's optimised model against the eager fp32 baseline.
+def bench_infer(name: str = "resnet50", *, backend: str = "torch", **kwargs) -> BenchResult:
+    """Inference images/s of reslab's optimised model against the eager fp32 baseline: one
+    backend's result of `bench_backends` (whose arguments it takes)."""
+    return bench_backends(name, backends=(backend,), **kwargs)[0]
 
-    With `checkpoint` (a trained model file or run folder) the fast path (compiled too, with
-    `compile`) is also compared with fp32 on the model's test set (`checks["test_set"]`).
-    `allocator` is "system" (glibc's defaults, as a plain script runs) or "tuned" (both sides
-    with `reslab.tune_allocator`). `backend` and `streams` as for `fast_path`."""
+
+def bench_backends(name: str = "resnet50", *, backends: Sequence[str] | None = None,
+                   batch: int = 16, precision: str = "bf16", channels_last: bool = True,
+                   fold_bn: bool = True, compile: bool = False, streams: int | None = None,
+                   image_size: int | None = None, in_chans: int = 3,
+                   model_kwargs: dict | None = None,
+                   device: str = "cpu", warmup: int = 2, repeats: int = 5, iters: int = 3,
+                   peak_n: int | None = None, checkpoint: str | None = None,
+                   data_dir: str | None = None, allocator: str = "system") -> list[BenchResult]:
+    """Inference images/s of the model through each backend's fast path against the eager fp32
+    baseline, all timed in one interleaved loop with the peak: which backend is fastest for this
+    model, batch and machine, measured side by side (one result per backend, in the order given;
+    they share the baseline and the peak). `backends=None` takes every `available_backends()`.
+
+    `compile` applies to the torch backend and `streams` to OpenVINO's (see `fast_path`).
+    `model_kwargs` go to `create_model` (a trained model's architecture options). With
+    `checkpoint` (a trained model file or run folder) each fast path is also compared with fp32
+    on the model's test set (`checks["test_set"]`). `allocator` is "system" (glibc's defaults, as
+    a plain script runs) or "tuned" (both sides with `reslab.tune_allocator`)."""
+    backends = tuple(available_backends(device) if backends is None else backends)
+    if not backends:
+        raise ValueError("backends is empty; name at least one of " + ", ".join(BACKENDS))
+    for b in backends:
+        if b not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {b!r}")
+    if len(set(backends)) < len(backends):
+        raise ValueError(f"each backend once, please; got {', '.join(backends)}")
     _set_allocator(allocator)
     torch.manual_seed(0)
-    model = create_model(name, in_chans=in_chans).eval()
-    size = _input_size(name, image_size, in_chans)
+    model_kwargs = {"in_chans": in_chans, **(model_kwargs or {})}
+    model = create_model(name, **model_kwargs).eval().to(device)
+    size = _input_size(name, image_size, model_kwargs["in_chans"])
     base = baseline_for(model).eval().to(device)
     x = torch.randn(batch, *size, device=device)
-    fast_kwargs = dict(precision=precision, channels_last=channels_last, fold_bn=fold_bn,
-                       compile=compile, backend=backend, streams=streams)
-    run_fast = fast_path(model.to(device), size, **fast_kwargs)
-    extra, computes_in = {}, precision  # the precision the arithmetic runs in: which peak applies
-    if backend == "openvino":  # what it chose: the streams, and bf16 only where the CPU has it
-        fast_kwargs["streams"] = run_fast.streams
-        computes_in = run_fast.inference_precision
-        extra = dict(inference_precision=computes_in, openvino=run_fast.version)
-    elif backend == "onnxruntime":  # runs the fp32 export whatever `precision` says
-        computes_in = "fp32"
-        extra = dict(inference_precision=computes_in)
     # PyTorch's fast path takes channels-last input; the other runtimes read NCHW arrays.
-    xf = x.to(memory_format=torch.channels_last) if channels_last and backend == "torch" else x
+    xf = x.to(memory_format=torch.channels_last) if channels_last else x
 
+    paths, settings, checks, computes_in = {}, {}, {}, {}
     with torch.inference_mode():
         ref = base(x)
-        got = run_fast(xf).float()
-        checks = {
-            "baseline_equals_reslab_fp32": bool(torch.allclose(model.to(device)(x), ref,
-                                                               rtol=1e-4, atol=1e-4)),
+        reslab_fp32 = bool(torch.allclose(model(x), ref, rtol=1e-4, atol=1e-4))
+    alone = len(backends) == 1  # a lone backend gets every option, and refuses what it can't use
+    for b in backends:
+        kw = dict(precision=precision, channels_last=channels_last, fold_bn=fold_bn,
+                  compile=compile and (alone or b == "torch"), backend=b,
+                  streams=streams if alone or b == "openvino" else None)
+        paths[b] = run = fast_path(model, size, **kw)
+        # What each computes in decides the peak it is measured against.
+        computes_in[b], extra = precision, {}
+        if b == "openvino":  # what it chose: the streams, and bf16 only where the CPU has it
+            kw["streams"] = run.streams
+            computes_in[b] = run.inference_precision
+            extra = dict(inference_precision=computes_in[b], openvino=run.version)
+        elif b == "onnxruntime":  # runs the fp32 export whatever `precision` says
+            computes_in[b] = "fp32"
+            extra = dict(inference_precision="fp32")
+        settings[b] = dict(kw, allocator=allocator, threads=torch.get_num_threads(), **extra,
+                           model_kwargs=model_kwargs)
+        inp = xf if b == "torch" else x
+        with torch.inference_mode():
+            got = run(inp).float()
+        checks[b] = {
+            "baseline_equals_reslab_fp32": reslab_fp32,
             "random_input_top1_agreement": float((got.argmax(1) == ref.argmax(1)).float().mean()),
             "max_abs_logit_diff": float((got - ref).abs().max()),
         }
+
+    def call(b: str) -> Callable[[], None]:
+        inp = xf if b == "torch" else x
+        return lambda: paths[b](inp)
+
+    with torch.inference_mode():
         m, peaks, peak_detail = _measure(
-            {"baseline": lambda: base(x), "reslab": lambda: run_fast(xf)}, batch, peak_n=peak_n,
+            {"baseline": lambda: base(x), **{b: call(b) for b in backends}}, batch, peak_n=peak_n,
             device=device, warmup=warmup, repeats=repeats, iters=iters)
-    del run_fast
-    if checkpoint is not None:
-        checks["test_set"] = asdict(agreement(checkpoint, fast_kwargs, data_dir=data_dir,
-                                              device=device))
+    paths.clear()
     macs = complexity(model, size).macs
-    achieved = 2 * macs * m["reslab"].images_per_sec
-    peak = peaks["bf16" if computes_in in ("bf16", "fp16") else "fp32"]
-    return BenchResult(
-        "infer", name, batch, size, device,
-        dict(fast_kwargs, allocator=allocator, threads=torch.get_num_threads(), **extra),
-        macs, m["baseline"], m["reslab"], m["reslab"].images_per_sec / m["baseline"].images_per_sec,
-        peaks, achieved, achieved / peak, checks, peak_detail,
-    )
+    results = []
+    for b in backends:
+        if checkpoint is not None:
+            fast_kwargs = {k: settings[b][k] for k in
+                           ("precision", "channels_last", "fold_bn", "compile", "backend", "streams")}
+            checks[b]["test_set"] = asdict(agreement(checkpoint, fast_kwargs, data_dir=data_dir,
+                                                     device=device))
+        achieved = 2 * macs * m[b].images_per_sec
+        peak = peaks["bf16" if computes_in[b] in ("bf16", "fp16") else "fp32"]
+        m[b].label = "reslab"
+        results.append(BenchResult(
+            "infer", name, batch, size, device, settings[b], macs, m["baseline"], m[b],
+            m[b].images_per_sec / m["baseline"].images_per_sec, peaks, achieved, achieved / peak,
+            checks[b], peak_detail,
+        ))
+    return results
+
+
+def fastest(results: Sequence[BenchResult]) -> BenchResult:
+    """Of `bench_backends`' results, the one whose fast path ran the most images per second."""
+    return max(results, key=lambda r: r.reslab.images_per_sec)
 
 
 def bench_train(name: str = "resnet20", *, batch: int = 128, precision: str = "bf16",

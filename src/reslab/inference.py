@@ -14,6 +14,11 @@ What it does, each step measurable on its own with `reslab bench infer`:
   Inductor compiles: passed as `torch.compile(options={"freezing": True})` it leaves the
   weights as graph inputs and packs nothing, measured with torch 2.13.)
 
+`fast_path(model, input_size, backend=...)` builds the same for each backend reslab runs:
+PyTorch (this module), ONNX Runtime (the checked fp32 export, `reslab.export`) or OpenVINO
+(`reslab.OpenVINOSession`); `reslab bench infer --backend all` times them side by side, and
+`reslab eval` / `reslab predict` take the same `--backend`.
+
 Where the CPU is an Intel Xeon with AMX, `reslab.OpenVINOSession` (Intel's OpenVINO with its own
 AMX convolution kernels) ran a ResNet-50 batch 5-25% faster than this module's compiled path
 (2026-11-24, `reslab bench infer --backend openvino`); `reslab bench` measures both on any machine.
@@ -27,6 +32,7 @@ Intel Xeon cores with AMX; see `reslab.runtime`).
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from torch import nn
@@ -87,3 +93,45 @@ def optimize_for_inference(model: nn.Module, *, precision: str = "bf16", channel
     if compile:
         wrapped = _Frozen(wrapped)
     return wrapped
+
+
+BACKENDS = ("torch", "onnxruntime", "openvino")
+_BACKEND_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+
+
+def available_backends(device: str = "cpu") -> tuple[str, ...]:
+    """The backends `fast_path` can run here: torch always; ONNX Runtime and OpenVINO where their
+    package imports and the model is on the CPU (they are CPU runtimes)."""
+    import importlib.util
+
+    if torch.device(device).type != "cpu":
+        return ("torch",)
+    return tuple(b for b in BACKENDS
+                 if b not in _BACKEND_PACKAGES or importlib.util.find_spec(_BACKEND_PACKAGES[b]))
+
+
+def fast_path(model: nn.Module, input_size: tuple[int, int, int], *, backend: str = "torch",
+              streams: int | None = None, **kwargs) -> Callable[[torch.Tensor], torch.Tensor]:
+    """reslab's fastest way to run `model` with `backend`: `optimize_for_inference(model,
+    **kwargs)` for torch, the checked ONNX export in onnxruntime (fp32; only ``fold_bn`` applies),
+    or an `OpenVINOSession` (``precision``, ``fold_bn`` and ``streams`` apply)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend != "openvino" and streams is not None:
+        raise ValueError("streams split a batch across OpenVINO's streams; use backend='openvino'")
+    if backend != "torch" and kwargs.get("compile"):
+        raise ValueError(f"compile is torch.compile, for backend='torch'; the {backend} backend "
+                         "compiles the model itself")
+    if backend == "torch":
+        return optimize_for_inference(model, **kwargs)
+    if next(model.parameters()).device.type != "cpu":
+        raise ValueError(f"the {backend} backend runs on the CPU; the model is on "
+                         f"{next(model.parameters()).device}")
+    if backend == "onnxruntime":
+        from .export import onnxruntime_session
+
+        return onnxruntime_session(model, input_size, fold_bn=kwargs.get("fold_bn", True))
+    from .export import OpenVINOSession
+
+    return OpenVINOSession(model, input_size, precision=kwargs.get("precision", "bf16"),
+                           streams=streams, fold_bn=kwargs.get("fold_bn", True))

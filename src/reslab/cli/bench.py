@@ -25,8 +25,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="(train) BN and ReLU as separate PyTorch ops instead of reslab's fused CPU kernel")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                    help="(train) torch.compile mode; reduce-overhead replays CUDA graphs on a GPU")
-    p.add_argument("--backend", choices=BACKENDS, default="torch",
-                   help="(infer) run reslab's model with PyTorch, ONNX Runtime (fp32) or OpenVINO")
+    p.add_argument("--backend", type=_backends, default=("torch",), metavar="BACKEND[,BACKEND...]",
+                   help="(infer) run reslab's model with PyTorch (torch), ONNX Runtime (onnxruntime, "
+                        "fp32) or OpenVINO (openvino); several, comma-separated, or `all` (those "
+                        "installed) are timed side by side in one run and the fastest is named")
     p.add_argument("--streams", type=int, default=None,
                    help="(infer, openvino) split each batch into this many chunks run at once on "
                         "OpenVINO's CPU streams (default: OpenVINO's choice; 1: one batch on all cores)")
@@ -48,6 +50,20 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
+def _backends(text: str) -> tuple[str, ...]:
+    if text == "all":
+        return ()  # every available backend (bench_backends decides, knowing the device)
+    names = tuple(b.strip() for b in text.split(","))
+    bad = [b for b in names if b not in BACKENDS]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"unknown backend {bad[0]!r}: choose from {', '.join(BACKENDS)}, a comma-separated "
+            "list of them, or all")
+    if len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"each backend once, please; got {text!r}")
+    return names
+
+
 def _cuda() -> bool:
     import torch
 
@@ -55,7 +71,7 @@ def _cuda() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reslab.bench import bench_infer, bench_train
+    from reslab.bench import bench_backends, bench_train, fastest
 
     for flag in ("batch", "repeats", "iters", "peak_size", "streams"):
         value = getattr(args, flag)
@@ -65,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     if args.checkpoint and args.mode != "infer":
         raise ValueError("--checkpoint applies to `reslab bench infer`")
+    if args.mode == "train" and (args.backend != ("torch",) or args.streams is not None):
+        raise ValueError("--backend and --streams apply to `reslab bench infer`; training runs "
+                         "in PyTorch")
     common = dict(precision=args.precision, channels_last=args.channels_last,
                   compile=args.compile, image_size=args.image_size, device=args.device,
                   warmup=args.warmup, repeats=args.repeats, iters=args.iters,
@@ -74,54 +93,88 @@ def run(args: argparse.Namespace) -> int:
                              compile_mode=args.compile_mode, fused_kernels=args.fused_kernels,
                              **common)
     else:
-        model, in_chans = args.model, 3
+        model, kwargs = args.model, {}
         if args.checkpoint:
             from reslab.checkpoint import read_meta, resolve_model_file
 
             meta = read_meta(resolve_model_file(args.checkpoint))
+            # the trained architecture (its options too) unless --model names another
+            kwargs = meta.get("model_kwargs", {}) if model in (None, meta["model"]) else {
+                "in_chans": meta.get("model_kwargs", {}).get("in_chans") or 3}
             model = model or meta["model"]
-            in_chans = meta.get("model_kwargs", {}).get("in_chans") or 3
             if args.image_size is None and meta.get("image_size"):
                 common["image_size"] = int(meta["image_size"][-1])
-        result = bench_infer(model or "resnet50", batch=args.batch or 16, fold_bn=args.fold_bn,
-                             backend=args.backend, streams=args.streams,
-                             checkpoint=args.checkpoint,
-                             data_dir=args.data_dir, in_chans=in_chans, **common)
+        results = bench_backends(model or "resnet50", backends=args.backend or None,
+                                 batch=args.batch or 16,
+                                 fold_bn=args.fold_bn, streams=args.streams,
+                                 checkpoint=args.checkpoint, data_dir=args.data_dir,
+                                 model_kwargs=kwargs, **common)
+        if len(results) > 1:
+            best = fastest(results).settings["backend"]
+            if args.json:
+                print(json.dumps({"fastest": best, "results": [r.to_dict() for r in results]},
+                                 indent=1))
+            else:
+                print_results(results, best)
+            return 0
+        result = results[0]
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:
-        print_result(result)
+        print_results([result])
     return 0
 
 
-def print_result(r) -> None:
+def computes_in(r) -> str:
+    """The precision a result's arithmetic ran in, which picks the peak it is a fraction of."""
+    p = r.settings.get("inference_precision", r.settings["precision"])
+    return "fp32" if p == "fp32" else "bf16"
+
+
+def print_results(results: list, fastest: str | None = None) -> None:
+    """One table: the shared baseline, then each result's reslab row (several for a run of
+    several backends), with its ratio and its fraction of the peak of its precision."""
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"reslab bench {r.mode}: {r.model}, batch {r.batch}, "
-                    f"{'×'.join(map(str, r.input_size))}, {r.device}")
-    for c in ("", "images/s (median)", "min–max", "ratio", "page faults/call"):
+    r0 = results[0]
+    t = Table(title=f"reslab bench {r0.mode}: {r0.model}, batch {r0.batch}, "
+                    f"{'×'.join(map(str, r0.input_size))}, {r0.device}")
+    for c in ("", "images/s (median)", "min–max", "ratio", "of peak", "page faults/call"):
         t.add_column(c, justify="right" if c else "left")
 
     def faults(m) -> str:
         return "n/a" if m.page_faults_per_call is None else f"{m.page_faults_per_call:,.0f}"
 
-    t.add_row("baseline (eager fp32 NCHW)", f"{r.baseline.images_per_sec:.1f}",
-              f"{r.baseline.spread[0]:.1f}–{r.baseline.spread[1]:.1f}", "1.00×", faults(r.baseline))
-    settings = ", ".join(f"{k}={v}" for k, v in r.settings.items())
-    t.add_row(f"reslab ({settings})", f"{r.reslab.images_per_sec:.1f}",
-              f"{r.reslab.spread[0]:.1f}–{r.reslab.spread[1]:.1f}", f"{r.speedup:.2f}×",
-              faults(r.reslab))
+    t.add_row("baseline (eager fp32 NCHW)", f"{r0.baseline.images_per_sec:.1f}",
+              f"{r0.baseline.spread[0]:.1f}–{r0.baseline.spread[1]:.1f}", "1.00×", "",
+              faults(r0.baseline))
+    for r in results:
+        backend = r.settings.get("backend", "torch")
+        mark = " [fastest]" if backend == fastest else ""
+        t.add_row(f"reslab {backend}{mark}", f"{r.reslab.images_per_sec:.1f}",
+                  f"{r.reslab.spread[0]:.1f}–{r.reslab.spread[1]:.1f}", f"{r.speedup:.2f}×",
+                  f"{100 * r.fraction_of_peak:.0f}% {computes_in(r)}", faults(r.reslab))
     console = Console()
     console.print(t)
+    for r in results:  # below the table, which stays narrow
+        console.print(f"reslab {r.settings.get('backend', 'torch')}: "
+                      + ", ".join(f"{k}={v}" for k, v in r.settings.items()))
     ways = "; ".join(f"{p} " + ", ".join(f"{w} {v / 1e9:.0f}" for w, v in rates.items())
-                     for p, rates in r.peak_detail.items())
+                     for p, rates in r0.peak_detail.items())
+    achieved = ", ".join(
+        f"{r.settings.get('backend', 'reslab')} {r.achieved_flops / 1e9:.0f} GFLOP/s = "
+        f"{100 * r.fraction_of_peak:.0f}% of the {computes_in(r)} peak" for r in results
+    ) if len(results) > 1 else (f"reslab achieves {r0.achieved_flops / 1e9:.0f} GFLOP/s = "
+                                f"{100 * r0.fraction_of_peak:.0f}% of the {computes_in(r0)} peak")
     console.print(
-        f"peak matmul: fp32 {r.peak_flops['fp32'] / 1e9:.0f} GFLOP/s, bf16 "
-        f"{r.peak_flops['bf16'] / 1e9:.0f} GFLOP/s (best of {ways}); reslab achieves "
-        f"{r.achieved_flops / 1e9:.0f} GFLOP/s = {100 * r.fraction_of_peak:.0f}% of the "
-        f"{'bf16' if r.settings['precision'] != 'fp32' else 'fp32'} peak "
-        f"({r.macs_per_image / 1e6:.1f} MMACs/image)"
+        f"peak matmul: fp32 {r0.peak_flops['fp32'] / 1e9:.0f} GFLOP/s, bf16 "
+        f"{r0.peak_flops['bf16'] / 1e9:.0f} GFLOP/s (best of {ways}); {achieved} "
+        f"({r0.macs_per_image / 1e6:.1f} MMACs/image)"
     )
-    for k, v in r.checks.items():
-        console.print(f"check {k}: {v}")
+    for r in results:
+        prefix = f"{r.settings['backend']} " if len(results) > 1 else ""
+        for k, v in r.checks.items():
+            console.print(f"check {prefix}{k}: {v}")
+    if fastest is not None:
+        console.print(f"fastest here: --backend {fastest}")
