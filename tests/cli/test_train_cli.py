@@ -40,8 +40,15 @@ def test_eval_prints_errors_and_json(run_dir, capsys):
     assert "top-1 error" in capsys.readouterr().out
     assert main(["eval", str(run_dir), "--json", "--tta", "flip"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert set(r) == {"path", "loss", "top1_error", "top5_error", "count", "tta"}
-    assert (r["count"], r["tta"]) == (360, "flip")
+    assert set(r) == {"path", "loss", "top1_error", "top5_error", "count", "tta", "backend",
+                      "precision", "seconds"}
+    assert (r["count"], r["tta"], r["backend"], r["precision"]) == (360, "flip", "torch", "fp32")
+    assert r["seconds"] > 0
+    assert main(["eval", str(run_dir), "--json", "--backend", "openvino", "--test-limit", "50"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert (r["count"], r["backend"]) == (50, "openvino")
+    assert main(["eval", str(run_dir), "--backend", "onnxruntime", "--precision", "bf16"]) == 2
+    assert "the onnxruntime backend runs the fp32 ONNX export" in capsys.readouterr().err
 
 
 def test_predict_prints_the_top5_classes(run_dir, tmp_path, capsys):
@@ -52,6 +59,10 @@ def test_predict_prints_the_top5_classes(run_dir, tmp_path, capsys):
     assert main(["predict", str(run_dir), str(tmp_path / "grey.png"), "--json", "--top", "2"]) == 0
     (p,) = json.loads(capsys.readouterr().out)
     assert len(p["top"]) == 2 and p["top"][0]["probability"] >= p["top"][1]["probability"]
+    assert main(["predict", str(run_dir), str(tmp_path / "grey.png"), "--json", "--top", "2",
+                 "--backend", "onnxruntime"]) == 0
+    (q,) = json.loads(capsys.readouterr().out)
+    assert [c["class"] for c in q["top"]] == [c["class"] for c in p["top"]]
 
 
 @pytest.mark.parametrize("args, message", [

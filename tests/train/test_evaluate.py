@@ -106,6 +106,16 @@ def test_unknown_tta_is_rejected():
         evaluate_model(Lookup(), dataset(), tta="five", **NORM)
 
 
+def test_a_plain_function_is_evaluated_like_the_module():
+    # What `reslab eval --backend openvino` passes: a CPU function from batch to logits.
+    model = Lookup()
+    ref = evaluate_model(model, dataset(), tta="flip", **NORM)
+    got = evaluate_model(lambda x: model(x).detach(), dataset(), tta="flip", **NORM)
+    assert got == ref
+    with pytest.raises(ValueError, match="precision='bf16' is autocast, for a torch module"):
+        evaluate_model(lambda x: model(x), dataset(), precision="bf16", **NORM)
+
+
 def test_eval_mode_is_used_and_train_mode_restored():
     model = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(16), nn.Linear(16, 6))
     model.train()

@@ -70,3 +70,46 @@ def test_predict_reports_unreadable_images(run, tmp_path):
         predict(run, [tmp_path / "x.png"])
     with pytest.raises(FileNotFoundError, match="no such image: .*missing.png"):
         predict(run, [tmp_path / "missing.png"])
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_evaluate_through_an_inference_backend_gives_the_models_result(run, backend):
+    # fp32 with BN folded: only rounding differs, so no test image changes class and the loss
+    # agrees closely; the flip views go through the backend too.
+    ref = evaluate(run, tta="flip")
+    got = evaluate(run, tta="flip", backend=backend, batch_size=100)  # a 60-image last batch
+    assert (got.count, got.tta) == (ref.count, "flip") == (360, "flip")
+    assert (got.top1_error, got.top5_error) == (ref.top1_error, ref.top5_error)
+    assert got.loss == pytest.approx(ref.loss, rel=1e-4)
+
+
+def test_evaluate_in_bf16_through_openvino(run):
+    ref = evaluate(run)
+    got = evaluate(run, backend="openvino", precision="bf16")
+    assert got.count == 360 and abs(got.top1_error - ref.top1_error) <= 0.02
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(backend="onnxruntime", precision="bf16"),
+     "the onnxruntime backend runs the fp32 ONNX export; use precision fp32 with it, or backend "
+     "openvino for bf16"),
+    (dict(backend="tensorrt"), "backend must be one of torch, onnxruntime, openvino; got 'tensorrt'"),
+])
+def test_evaluate_refuses_a_backend_it_cannot_honour(run, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        evaluate(run, test_limit=10, **kwargs)
+
+
+def test_predict_through_openvino_matches_the_model(run, tmp_path):
+    digits = load_dataset("digits")
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(digits.test.images[i, 0].numpy()).save(paths[-1])
+    ref = predict(run, paths, top=3)
+    got = predict(run, paths, top=3, backend="openvino")
+    for r, g in zip(ref, got):
+        assert [c for c, _ in g.top] == [c for c, _ in r.top]
+        assert [v for _, v in g.top] == pytest.approx([v for _, v in r.top], abs=1e-5)
+    # bf16 by autocast on the torch backend: the same classes ranked first
+    assert [p.top[0][0] for p in predict(run, paths, precision="bf16")] == [p.top[0][0] for p in ref]

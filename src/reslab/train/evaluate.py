@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,7 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate_model(
-    model: nn.Module,
+    model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
     dataset: InMemoryDataset | torch.utils.data.Dataset,
     *,
     mean: Sequence[float],
@@ -59,8 +59,11 @@ def evaluate_model(
 ) -> EvalResult:
     """Loss, top-1 and top-5 error of `model` (in eval mode) on `dataset`.
 
-    In-memory datasets are moved to the model's device and batched there; other datasets go
-    through a DataLoader with `workers` processes. `pad` is the zero padding of the in-memory
+    `model` is a module, or any function from a normalised image batch to logits that runs on
+    the CPU (an inference fast path from `reslab.fast_path`: ONNX Runtime, OpenVINO; `precision`
+    is then the function's own business and must stay fp32 here). In-memory datasets are moved to
+    the model's device and batched there; other datasets go through a DataLoader with `workers`
+    processes. `pad` is the zero padding of the in-memory
     10-crop (use the dataset's training `pad`, 4 for CIFAR). The model's train/eval mode is
     restored afterwards. With `dist`, each rank evaluates every world_size-th image and the sums
     are all-reduced, so every rank returns the same result.
@@ -68,9 +71,14 @@ def evaluate_model(
     if tta not in TTA:
         raise ValueError(f"tta must be one of {', '.join(TTA)}; got {tta!r}")
     dist = dist or DistContext()
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    module = isinstance(model, nn.Module)
+    if not module and precision != "fp32":
+        raise ValueError(f"precision={precision!r} is autocast, for a torch module; a fast path "
+                         "computes in the precision it was built with: pass precision='fp32'")
+    device = next(model.parameters()).device if module else torch.device("cpu")
+    was_training = module and model.training
+    if module:
+        model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1 wrong, top5 wrong, n
     try:
         for x, y in _eval_batches(dataset, batch_size, device, workers, dist):
@@ -92,7 +100,8 @@ def evaluate_model(
                 torch.tensor(float(n), dtype=torch.float64, device=device),
             ])
     finally:
-        model.train(was_training)
+        if module:
+            model.train(was_training)
     loss, top1, top5, count = dist.all_reduce_sum(sums).tolist()
     if count == 0:
         raise ValueError("the evaluation dataset is empty")

@@ -16,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from ..data import DatasetBundle, center_crop, load_dataset, normalize
 from .evaluate import EvalResult, evaluate_model, load_for_eval
 from .runs import read_config
+from .step import autocast
 
 
 def evaluate(
@@ -28,6 +29,7 @@ def evaluate(
     batch_size: int = 512,
     device: str = "cpu",
     precision: str = "fp32",
+    backend: str = "torch",
     test_limit: int | None = None,
     workers: int = 4,
 ) -> EvalResult:
@@ -35,13 +37,33 @@ def evaluate(
 
     Dataset settings not given default to the run's (when `path` is a run folder) or to the
     dataset named in the model file. The images are normalised with the model's own mean/std.
+    `backend` "torch" runs the model as trained (`precision` by autocast); "onnxruntime" and
+    "openvino" run its inference fast path (`reslab.fast_path`, on the CPU) in `precision`.
     """
     model, meta, bundle = load_test_data(path, data=data, data_dir=data_dir, val_split=val_split,
                                          tta=tta, device=device, test_limit=test_limit)
+    run, precision = _runner(model, backend, precision, (bundle.in_chans, *bundle.image_size))
     return evaluate_model(
-        model, bundle.test, mean=meta["mean"], std=meta["std"], batch_size=batch_size,
+        run, bundle.test, mean=meta["mean"], std=meta["std"], batch_size=batch_size,
         precision=precision, tta=tta, pad=bundle.augment.pad, workers=workers,
     )
+
+
+def _runner(model: torch.nn.Module, backend: str, precision: str,
+            input_size: tuple[int, ...]) -> tuple[Any, str]:
+    """(what to call on a normalised batch, the autocast precision to call it under): the model
+    itself for backend "torch", else its fast path built for `precision` (called in fp32)."""
+    from ..inference import BACKENDS, fast_path
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend == "torch":
+        return model, precision
+    if backend == "onnxruntime" and precision != "fp32":
+        raise ValueError(f"the onnxruntime backend runs the fp32 ONNX export; use precision fp32 "
+                         f"with it, or backend openvino for {precision}")
+    return fast_path(model, tuple(int(v) for v in input_size), backend=backend,
+                     precision=precision), "fp32"
 
 
 def load_test_data(
@@ -85,19 +107,23 @@ class Prediction:
 
 @torch.no_grad()
 def predict(path: str | Path, images: Sequence[str | Path], *, top: int = 5,
-            device: str = "cpu") -> list[Prediction]:
+            device: str = "cpu", precision: str = "fp32",
+            backend: str = "torch") -> list[Prediction]:
     """The `top` most probable classes of each image file, with their softmax probabilities.
 
     Each image is decoded with Pillow, converted to the model's channels (grayscale for
     1-channel models), resized to its input size (shorter side to 256/224 of the size and a
     centre crop for ImageNet-size inputs, a plain resize for small images) and normalised with
-    the training mean/std.
+    the training mean/std. `precision` and `backend` as for `evaluate`.
     """
     model, meta = load_for_eval(path, device)
     in_chans = int(meta["model_kwargs"].get("in_chans", 3))
     size = tuple(meta["image_size"])
+    run, precision = _runner(model, backend, precision, (in_chans, *size))
     batch = torch.stack([_load_image(p, in_chans, size) for p in images]).to(device)
-    probs = torch.softmax(model(normalize(batch, meta["mean"], meta["std"])).float(), dim=-1)
+    with autocast(precision, batch.device.type):
+        logits = run(normalize(batch, meta["mean"], meta["std"]))
+    probs = torch.softmax(logits.float(), dim=-1)
     k = min(top, probs.shape[-1])
     values, indices = probs.topk(k, dim=-1)
     classes = meta["classes"]
