@@ -33,6 +33,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from .checkpoint import atomic_path
+from .extras import require
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "exported-program": ".pt2"}
@@ -291,7 +292,7 @@ def onnxruntime_session(
     The returned function takes and returns torch tensors; its ``export_result`` attribute is the
     `ExportResult` of the check. The ONNX file lives in a temporary folder only while loading.
     """
-    import onnxruntime as ort
+    (ort,) = require("onnxruntime", extra="onnx", purpose="the ONNX Runtime backend")
 
     with tempfile.TemporaryDirectory() as folder:
         result = export_model(model, Path(folder) / "model.onnx", input_size=input_size,
@@ -330,11 +331,7 @@ class OpenVINOSession:
     def __init__(self, model: nn.Module, input_size: Sequence[int], *, precision: str = "bf16",
                  streams: int | None = None, threads: int | None = None,
                  fold_bn: bool = True) -> None:
-        try:
-            import openvino as ov
-        except ModuleNotFoundError:
-            raise ModuleNotFoundError(
-                "the OpenVINO backend needs openvino: pip install 'reslab[openvino]'") from None
+        (ov,) = require("openvino", extra="openvino", purpose="the OpenVINO backend")
         if precision not in OPENVINO_PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(OPENVINO_PRECISIONS)}; "
                              f"got {precision!r}")
@@ -464,12 +461,8 @@ def _batch_dim(dynamic: bool):
 
 
 def _write_onnx(model, x, tmp: Path, dynamic: bool, opset: int | None, meta: dict):
-    try:
-        import onnxruntime as ort
-        import onnxscript  # noqa: F401  (the exporter needs it)
-    except ModuleNotFoundError as e:
-        raise ModuleNotFoundError(
-            f"ONNX export needs {e.name}: pip install 'reslab[onnx]'") from None
+    # onnxscript: the exporter needs it; onnxruntime: checks what it wrote
+    ort, _ = require("onnxruntime", "onnxscript", extra="onnx", purpose="ONNX export")
 
     kwargs = {"opset_version": opset} if opset else {}
     # The exporter logs that torchvision's detection ops are unavailable (reslab uses none) and

@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from reslab.extras import MissingExtraError
+
 # (command, module) in the order `reslab --help` lists them.
 COMMANDS = [
     ("models", "models"),
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
             tune_allocator_from_env()
         return int(args.run(args) or 0)
-    except (UsageError, ValueError, FileNotFoundError) as e:
+    except (UsageError, ValueError, FileNotFoundError, MissingExtraError) as e:
         print(f"reslab {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

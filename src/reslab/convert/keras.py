@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..extras import require
 from .common import Converted, Preprocessing, build_and_load
 
 KERAS_BN_EPS = 1.001e-5
@@ -93,10 +94,7 @@ BN_VARS = ("gamma", "beta", "moving_mean", "moving_variance")
 
 def read_keras_weights(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
     """Every layer's weights in a Keras ``.weights.h5``, ``.keras`` or legacy ``.h5`` file."""
-    try:
-        import h5py
-    except ModuleNotFoundError:
-        raise ModuleNotFoundError("reading Keras files needs h5py: pip install 'reslab[keras]'") from None
+    (h5py,) = require("h5py", extra="keras", purpose="reading Keras files")
 
     path = Path(path)
     if not path.exists():
