@@ -20,7 +20,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--no-fold-bn", dest="fold_bn", action="store_false", help="(infer) keep BN")
-    p.add_argument("--compile", action="store_true", help="torch.compile the reslab model")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile reslab's PyTorch model (train; infer: the torch backend)")
     p.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
                    help="(train) BN and ReLU as separate PyTorch ops instead of reslab's fused CPU kernel")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
