@@ -291,3 +291,24 @@ def test_sync_bn_is_refused_on_cpu_with_more_than_one_process():
         check_sync_bn(True, "cpu", DistContext(0, 2))
     check_sync_bn(True, "cpu", DistContext())  # a single process has nothing to synchronise
     check_sync_bn(False, "cpu", DistContext(0, 2))
+
+
+def test_a_process_that_opened_a_group_ends_without_finalizing(tmp_path):
+    # What the `reslab` command does at the end of a distributed run: the exit handlers run and
+    # the output is flushed, then the process leaves with the command's status.
+    marker = tmp_path / "handler-ran"
+    code = f"""
+import atexit, sys
+import reslab.train.dist as dist
+dist.exit_without_finalizing(5)  # no group opened here: returns
+atexit.register(lambda: open({str(marker)!r}, "w").write("yes"))
+dist._opened = True
+print("flushed", end="")
+sys.stderr.write("err")
+dist.exit_without_finalizing(3)
+print("not reached")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT, env=child_env())
+    assert (done.returncode, done.stdout, done.stderr) == (3, "flushed", "err")
+    assert marker.read_text() == "yes"

@@ -51,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _run(argv)
+    dist = sys.modules.get("reslab.train.dist")  # loaded only where training ran
+    if dist is not None:
+        dist.exit_without_finalizing(code)  # under torchrun: does not return
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
