@@ -52,9 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     code = _run(argv)
-    dist = sys.modules.get("reslab.train.dist")  # loaded only where training ran
+    dist = sys.modules.get("reslab.train.dist")  # not imported: no process group was opened
     if dist is not None:
-        dist.exit_without_finalizing(code)  # under torchrun: does not return
+        dist.exit_without_finalizing(code)  # does not return where a process group was opened
     return code
 
 
