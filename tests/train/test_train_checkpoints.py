@@ -91,3 +91,21 @@ def test_best_checkpoint_holds_the_best_evaluated_weights(tmp_path, tiny):
     meta = read_meta(tmp_path / "checkpoints" / "best.safetensors")
     assert meta["test_top1_error"] == min(errors)
     assert meta["epoch"] == errors.index(min(errors)) + 1
+
+
+def test_every_file_of_a_run_gets_the_usual_permissions(tmp_path, tiny):
+    # Atomic writes go through a 0600 temporary file (and safetensors replaces the one it is
+    # given); the finished files are readable as any file the user creates (umask applied).
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        train(tiny(out=str(tmp_path / "run"), epochs=1))
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"best.safetensors", "last.safetensors", "last.state.pt",
+                                       "config.json", "metrics.jsonl"}
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == \
+        {p.name: "0o644" for p in files}
