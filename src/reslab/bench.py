@@ -25,6 +25,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .inference import BACKENDS, available_backends, fast_path  # noqa: F401 (re-exported)
+from .inference import BACKENDS, available_backends, check_backend, fast_path  # noqa: F401 (re-exported)
 from .models import complexity, create_model, model_info
 from .runtime import ALLOCATORS, allocator_tuned, minor_faults, tune_allocator
 
@@ -302,6 +303,12 @@ class BenchResult:
         return asdict(self)
 
 
+def peak_precision(precision: str) -> str:
+    """Which matmul peak a model computing in `precision` is a fraction of: bf16's for bf16 and
+    fp16 (the low-precision units), fp32's for fp32."""
+    return "fp32" if precision == "fp32" else "bf16"
+
+
 def _input_size(name: str, image_size: int | None, in_chans: int) -> tuple[int, int, int]:
     native = model_info(name).input_size
     size = image_size or native[1]
@@ -372,8 +379,7 @@ def bench_backends(name: str = "resnet50", *, backends: Sequence[str] | None = N
     if not backends:
         raise ValueError("backends is empty; name at least one of " + ", ".join(BACKENDS))
     for b in backends:
-        if b not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {b!r}")
+        check_backend(b)
     if len(set(backends)) < len(backends):
         raise ValueError(f"each backend once, please; got {', '.join(backends)}")
     _set_allocator(allocator)
@@ -386,16 +392,19 @@ def bench_backends(name: str = "resnet50", *, backends: Sequence[str] | None = N
     # PyTorch's fast path takes channels-last input; the other runtimes read NCHW arrays.
     xf = x.to(memory_format=torch.channels_last) if channels_last else x
 
-    paths, settings, checks, computes_in = {}, {}, {}, {}
+    calls = {"baseline": partial(base, x)}
+    fast_kwargs, settings, checks, computes_in = {}, {}, {}, {}
     with torch.inference_mode():
         ref = base(x)
         reslab_fp32 = bool(torch.allclose(model(x), ref, rtol=1e-4, atol=1e-4))
     alone = len(backends) == 1  # a lone backend gets every option, and refuses what it can't use
     for b in backends:
-        kw = dict(precision=precision, channels_last=channels_last, fold_bn=fold_bn,
-                  compile=compile and (alone or b == "torch"), backend=b,
-                  streams=streams if alone or b == "openvino" else None)
-        paths[b] = run = fast_path(model, size, **kw)
+        kw = fast_kwargs[b] = dict(
+            precision=precision, channels_last=channels_last, fold_bn=fold_bn,
+            compile=compile and (alone or b == "torch"), backend=b,
+            streams=streams if alone or b == "openvino" else None)
+        run = fast_path(model, size, **kw)
+        calls[b] = partial(run, xf if b == "torch" else x)
         # What each computes in decides the peak it is measured against.
         computes_in[b], extra = precision, {}
         if b == "openvino":  # what it chose: the streams, and bf16 only where the CPU has it
@@ -407,34 +416,26 @@ def bench_backends(name: str = "resnet50", *, backends: Sequence[str] | None = N
             extra = dict(inference_precision="fp32")
         settings[b] = dict(kw, allocator=allocator, threads=torch.get_num_threads(), **extra,
                            model_kwargs=model_kwargs)
-        inp = xf if b == "torch" else x
         with torch.inference_mode():
-            got = run(inp).float()
+            got = calls[b]().float()
         checks[b] = {
             "baseline_equals_reslab_fp32": reslab_fp32,
             "random_input_top1_agreement": float((got.argmax(1) == ref.argmax(1)).float().mean()),
             "max_abs_logit_diff": float((got - ref).abs().max()),
         }
 
-    def call(b: str) -> Callable[[], None]:
-        inp = xf if b == "torch" else x
-        return lambda: paths[b](inp)
-
     with torch.inference_mode():
-        m, peaks, peak_detail = _measure(
-            {"baseline": lambda: base(x), **{b: call(b) for b in backends}}, batch, peak_n=peak_n,
-            device=device, warmup=warmup, repeats=repeats, iters=iters)
-    paths.clear()
+        m, peaks, peak_detail = _measure(calls, batch, peak_n=peak_n, device=device,
+                                         warmup=warmup, repeats=repeats, iters=iters)
+    calls.clear()  # the sessions go before the test-set checks build their own
     macs = complexity(model, size).macs
     results = []
     for b in backends:
         if checkpoint is not None:
-            fast_kwargs = {k: settings[b][k] for k in
-                           ("precision", "channels_last", "fold_bn", "compile", "backend", "streams")}
-            checks[b]["test_set"] = asdict(agreement(checkpoint, fast_kwargs, data_dir=data_dir,
+            checks[b]["test_set"] = asdict(agreement(checkpoint, fast_kwargs[b], data_dir=data_dir,
                                                      device=device))
         achieved = 2 * macs * m[b].images_per_sec
-        peak = peaks["bf16" if computes_in[b] in ("bf16", "fp16") else "fp32"]
+        peak = peaks[peak_precision(computes_in[b])]
         m[b].label = "reslab"
         results.append(BenchResult(
             "infer", name, batch, size, device, settings[b], macs, m["baseline"], m[b],
@@ -485,7 +486,7 @@ def bench_train(name: str = "resnet20", *, batch: int = 128, precision: str = "b
                                      repeats=repeats, iters=iters)
     macs = complexity(model, size).macs
     achieved = 3 * 2 * macs * m["reslab"].images_per_sec
-    peak = peaks["bf16" if precision in ("bf16", "fp16") else "fp32"]
+    peak = peaks[peak_precision(precision)]
     return BenchResult(
         "train", name, batch, size, device,
         dict(precision=precision, channels_last=channels_last, compile=compile,

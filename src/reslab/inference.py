@@ -95,8 +95,12 @@ def optimize_for_inference(model: nn.Module, *, precision: str = "bf16", channel
     return wrapped
 
 
-BACKENDS = ("torch", "onnxruntime", "openvino")
-_BACKEND_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+BACKENDS = ("torch", "onnxruntime", "openvino")  # the last two: CPU runtimes, packages so named
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
 
 
 def available_backends(device: str = "cpu") -> tuple[str, ...]:
@@ -106,8 +110,7 @@ def available_backends(device: str = "cpu") -> tuple[str, ...]:
 
     if torch.device(device).type != "cpu":
         return ("torch",)
-    return tuple(b for b in BACKENDS
-                 if b not in _BACKEND_PACKAGES or importlib.util.find_spec(_BACKEND_PACKAGES[b]))
+    return tuple(b for b in BACKENDS if b == "torch" or importlib.util.find_spec(b))
 
 
 def fast_path(model: nn.Module, input_size: tuple[int, int, int], *, backend: str = "torch",
@@ -115,8 +118,7 @@ def fast_path(model: nn.Module, input_size: tuple[int, int, int], *, backend: st
     """reslab's fastest way to run `model` with `backend`: `optimize_for_inference(model,
     **kwargs)` for torch, the checked ONNX export in onnxruntime (fp32; only ``fold_bn`` applies),
     or an `OpenVINOSession` (``precision``, ``fold_bn`` and ``streams`` apply)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    check_backend(backend)
     if backend != "openvino" and streams is not None:
         raise ValueError("streams split a batch across OpenVINO's streams; use backend='openvino'")
     if backend != "torch" and kwargs.get("compile"):

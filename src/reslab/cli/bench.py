@@ -127,9 +127,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def computes_in(r) -> str:
-    """The precision a result's arithmetic ran in, which picks the peak it is a fraction of."""
-    p = r.settings.get("inference_precision", r.settings["precision"])
-    return "fp32" if p == "fp32" else "bf16"
+    """The peak a result is a fraction of: that of the precision its arithmetic ran in."""
+    from reslab.bench import peak_precision
+
+    return peak_precision(r.settings.get("inference_precision", r.settings["precision"]))
 
 
 def print_results(results: list, fastest: str | None = None) -> None:

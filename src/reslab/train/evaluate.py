@@ -63,9 +63,8 @@ def evaluate_model(
     the CPU (an inference fast path from `reslab.fast_path`: ONNX Runtime, OpenVINO; `precision`
     is then the function's own business and must stay fp32 here). In-memory datasets are moved to
     the model's device and batched there; other datasets go through a DataLoader with `workers`
-    processes. `pad` is the zero padding of the in-memory
-    10-crop (use the dataset's training `pad`, 4 for CIFAR). The model's train/eval mode is
-    restored afterwards. With `dist`, each rank evaluates every world_size-th image and the sums
+    processes. `pad` is the zero padding of the in-memory 10-crop (use the dataset's training
+    `pad`, 4 for CIFAR). The model's train/eval mode is restored afterwards. With `dist`, each rank evaluates every world_size-th image and the sums
     are all-reduced, so every rank returns the same result.
     """
     if tta not in TTA:

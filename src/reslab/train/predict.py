@@ -53,10 +53,9 @@ def _runner(model: torch.nn.Module, backend: str, precision: str,
             input_size: tuple[int, ...]) -> tuple[Any, str]:
     """(what to call on a normalised batch, the autocast precision to call it under): the model
     itself for backend "torch", else its fast path built for `precision` (called in fp32)."""
-    from ..inference import BACKENDS, fast_path
+    from ..inference import check_backend, fast_path
 
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    check_backend(backend)
     if backend == "torch":
         return model, precision
     if backend == "onnxruntime" and precision != "fp32":
